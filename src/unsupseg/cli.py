@@ -1,0 +1,161 @@
+"""Command-line interface: ``unsupseg fit | segment | evaluate | backbones | prepare-crops | ...``.
+
+Errors of our own (UnsupsegError) are printed as one message, without a traceback, exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import UnsupsegError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Unsupervised semantic segmentation.")
+out = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"unsupseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Discover semantic categories in unlabelled photos and paint every pixel with one."""
+
+
+def print_scores(report: dict, title: str) -> None:
+    table = Table(title=title)
+    table.add_column("class")
+    table.add_column("IoU %", justify="right")
+    for name, value in report["per_class_iou"].items():
+        table.add_row(name, "-" if value is None else f"{value:.1f}")
+    table.add_section()
+    table.add_row("[bold]mIoU", f"[bold]{report['miou']:.1f}")
+    table.add_row("[bold]pixel accuracy", f"[bold]{report['pixel_accuracy']:.1f}")
+    out.print(table)
+    out.print(
+        f"{report['n_images']} images, {report['num_clusters']} clusters, matching {report['matching']}, "
+        f"flip {'on' if report['flip'] else 'off'}, CRF {'on' if report['crf'] else 'off'}"
+    )
+
+
+@app.command()
+def fit(
+    run_dir: Path = typer.Option(..., "--out", help="Run directory to write (resumes an interrupted fit)."),
+    method: str = typer.Option("kmeans", help="kmeans, cause-mlp, cause-tr, stego, leopart."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone name (see `unsupseg backbones`)."),
+    backbone_weights: Optional[str] = typer.Option(None, help="Weights file for the backbone, or 'random'."),
+    images: Optional[Path] = typer.Option(None, help="Folder of unlabelled images to train on."),
+    dataset: Optional[str] = typer.Option(None, help="Benchmark dataset name (camvid, cocostuff27, ...)."),
+    root: Optional[Path] = typer.Option(None, help="Folder holding the dataset."),
+    split: Optional[str] = typer.Option(None, help="Split to train on (default train)."),
+    clusters: Optional[int] = typer.Option(None, help="Number of clusters (classes to discover)."),
+    preset: Optional[str] = typer.Option(None, help="Preset name or YAML file (default: the dataset's)."),
+    config: Optional[Path] = typer.Option(None, help="A YAML run config to start from."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key: --set params.lr=0.001"),
+    overwrite: bool = typer.Option(False, help="Replace an existing finished run."),
+) -> None:
+    """Fit a method and write a run directory."""
+    from .api import fit as api_fit
+
+    api_fit(
+        method, out=run_dir, backbone=backbone, backbone_weights=backbone_weights, images=images,
+        dataset=dataset, root=root, split=split, clusters=clusters, preset=preset, config_file=config,
+        overrides=set_, overwrite=overwrite, log=out.print,
+    )
+
+
+@app.command()
+def segment(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    inputs: list[Path] = typer.Argument(..., help="Images or folders of images."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for <name>.png and <name>_overlay.jpg."),
+    crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="Dense CRF refinement (default: the run's)."),
+    overwrite: bool = typer.Option(False, help="Redo images whose outputs exist."),
+    strict: bool = typer.Option(False, help="Stop at the first unreadable image instead of skipping it."),
+) -> None:
+    """Segment photos with a fitted run."""
+    from .api import segment as api_segment
+
+    written = api_segment(run_dir, inputs, out_dir, crf=crf, overwrite=overwrite, strict=strict)
+    out.print(f"wrote {len(written)} masks and overlays to {out_dir}")
+
+
+@app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    dataset: str = typer.Option(..., help="Benchmark dataset name."),
+    root: Path = typer.Option(..., help="Folder holding the dataset."),
+    split: str = typer.Option("val", help="Split to score."),
+    crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="Dense CRF refinement (default: the run's)."),
+    flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Flip averaging (default: the run's)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the scores as JSON here."),
+) -> None:
+    """Score a run on a labelled split (Hungarian matching)."""
+    from .api import evaluate as api_evaluate
+
+    report = api_evaluate(run_dir, dataset=dataset, root=root, split=split, crf=crf, flip=flip, json_path=json_path)
+    print_scores(report, f"{run_dir} on {dataset}/{split}")
+
+
+@app.command()
+def backbones() -> None:
+    """List the backbones with dim, stride, weights licence and availability here."""
+    from .backbones import list_backbones
+
+    table = Table(title="backbones")
+    for col in ("name", "dim", "stride", "weights licence", "weights here"):
+        table.add_column(col)
+    for info in list_backbones():
+        table.add_row(info.name, str(info.dim), str(info.stride), info.licence, "yes" if info.weights_available else "no")
+    out.print(table)
+
+
+@app.command("prepare-crops")
+def prepare_crops(
+    dataset: str = typer.Option(..., help="Benchmark dataset name, or 'images' for a plain folder."),
+    root: Path = typer.Option(..., help="Folder holding the dataset (or the images)."),
+    split: str = typer.Option("train", help="Split to crop."),
+    kind: str = typer.Option("five", help="five, double or super (see the specs)."),
+    out_dir: Path = typer.Option(..., "--out", help="New folder for the crops (never overwritten)."),
+) -> None:
+    """Write the offline training crops of the reference methods into a new folder."""
+    from .data import ImageFolder, build_dataset
+    from .data import prepare_crops as do_prepare
+
+    data = ImageFolder(root) if dataset == "images" else build_dataset(dataset, str(root), split)
+    do_prepare(data, kind, out_dir)
+    out.print(f"crops of {len(data)} images written to {out_dir}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UnsupsegError as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        sys.exit(2)
+    except typer.Exit as exit_:
+        sys.exit(exit_.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as err:  # click usage errors
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

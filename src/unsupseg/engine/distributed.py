@@ -1,0 +1,104 @@
+"""torch.distributed wiring: one process per device, launched by ``torchrun``.
+
+Outside torchrun (no WORLD_SIZE in the environment) everything degrades to a single process.
+CPU runs use the gloo backend, CUDA runs nccl.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ..errors import ConfigError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        """DDP-wrap a trainable module so that backward all-reduces its gradients."""
+        if not self.enabled:
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids)
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous share of a per-step batch of ``n`` items (n divisible by world)."""
+        if n % self.world_size:
+            raise ConfigError(f"batch size {n} is not divisible by the number of processes {self.world_size}")
+        per = n // self.world_size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return tensor
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor / self.world_size
+
+    def all_gather_cat(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate along dim 0 the tensors of every rank (their lengths may differ)."""
+        if not self.enabled:
+            return tensor
+        length = torch.tensor([tensor.shape[0]], device=tensor.device)
+        lengths = [torch.zeros_like(length) for _ in range(self.world_size)]
+        dist.all_gather(lengths, length)
+        longest = int(max(x.item() for x in lengths))
+        padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+        padded[: tensor.shape[0]] = tensor
+        gathered = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded)
+        return torch.cat([g[: int(n.item())] for g, n in zip(gathered, lengths)])
+
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.broadcast(tensor, src=0)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join the process group when launched by torchrun; otherwise a single-process Dist."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(device=resolve_device(device))
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    base = resolve_device(device)
+    if base.type == "cuda":
+        base = torch.device("cuda", local_rank)
+        torch.cuda.set_device(base)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if base.type == "cuda" else "gloo")
+    return Dist(rank=rank, world_size=world, local_rank=local_rank, device=base)

@@ -1,0 +1,130 @@
+"""Segmentation metrics of the unsupervised protocol (benchmarks.md section 6).
+
+A K x C confusion matrix (rows = predicted cluster, columns = true class) is accumulated over the
+whole split, then matched once: Hungarian one-to-one when every cluster can get its own class,
+many-to-one by majority (precision) for over-clustering, or the identity for linear probes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from ..errors import ConfigError
+
+MATCHINGS = ("hungarian", "many-to-one", "identity")
+
+
+class ConfusionMatrix:
+    """Accumulates ``M[p, t]`` = number of pixels predicted ``p`` with ground truth ``t``.
+
+    Pixels whose ground truth is outside ``[0, num_classes)`` (ignore = -1) are not counted;
+    predictions are never dropped (a prediction outside ``[0, num_clusters)`` is an error).
+    """
+
+    def __init__(self, num_clusters: int, num_classes: int):
+        if num_clusters < 1 or num_classes < 1:
+            raise ConfigError(f"num_clusters and num_classes must be >= 1, got {num_clusters}, {num_classes}")
+        self.num_clusters = num_clusters
+        self.num_classes = num_classes
+        self.matrix = np.zeros((num_clusters, num_classes), dtype=np.int64)
+
+    def update(self, prediction, target) -> None:
+        pred = torch.as_tensor(prediction).reshape(-1).long().cpu()
+        true = torch.as_tensor(target).reshape(-1).long().cpu()
+        if pred.shape != true.shape:
+            raise ConfigError(f"prediction has {pred.numel()} pixels but the label has {true.numel()}")
+        valid = (true >= 0) & (true < self.num_classes)
+        pred, true = pred[valid], true[valid]
+        if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= self.num_clusters):
+            raise ConfigError(
+                f"prediction values must lie in [0, {self.num_clusters}), got range "
+                f"[{int(pred.min())}, {int(pred.max())}]"
+            )
+        counts = torch.bincount(pred * self.num_classes + true, minlength=self.num_clusters * self.num_classes)
+        self.matrix += counts.reshape(self.num_clusters, self.num_classes).numpy()
+
+    def merge(self, other: "ConfusionMatrix") -> None:
+        self.matrix += other.matrix
+
+
+def hungarian_mapping(matrix: np.ndarray) -> np.ndarray:
+    """Cluster -> class map maximising matched pixels, one-to-one; unmatched clusters get -1."""
+    rows, cols = linear_sum_assignment(matrix, maximize=True)
+    mapping = np.full(matrix.shape[0], -1, dtype=np.int64)
+    mapping[rows] = cols
+    return mapping
+
+
+def majority_mapping(matrix: np.ndarray) -> np.ndarray:
+    """Each cluster goes to the class it overlaps most (precision); ties go to the lowest class id."""
+    return np.argmax(matrix, axis=1).astype(np.int64)
+
+
+@dataclass
+class SegmentationScores:
+    pixel_accuracy: float          # percent
+    miou: float                    # percent, mean over classes whose IoU is defined
+    per_class_iou: list[float | None]   # percent, None where undefined (0 / 0)
+    mapping: list[int]             # cluster -> class (-1: unmatched, counted as wrong)
+    matched_confusion: np.ndarray = field(repr=False)   # C x C after matching, rows = predicted class
+    matching: str = "hungarian"
+
+    def to_dict(self, class_names: list[str] | None = None) -> dict:
+        per_class = self.per_class_iou
+        names = class_names or [str(i) for i in range(len(per_class))]
+        return {
+            "pixel_accuracy": round(self.pixel_accuracy, 4),
+            "miou": round(self.miou, 4),
+            "per_class_iou": {n: (None if v is None else round(v, 4)) for n, v in zip(names, per_class)},
+            "matching": self.matching,
+            "mapping": self.mapping,
+        }
+
+
+def score(confusion: ConfusionMatrix | np.ndarray, matching: str = "hungarian") -> SegmentationScores:
+    """Match clusters to classes and compute pixel accuracy, mIoU and per-class IoU (in percent).
+
+    ``hungarian`` with more clusters than classes matches C clusters one-to-one and counts the pixels
+    of the others as wrong for their true class (never dropped, unlike STEGO's metric).
+    """
+    matrix = confusion.matrix if isinstance(confusion, ConfusionMatrix) else np.asarray(confusion, dtype=np.int64)
+    num_clusters, num_classes = matrix.shape
+    if matching == "hungarian":
+        mapping = hungarian_mapping(matrix)
+    elif matching == "many-to-one":
+        mapping = majority_mapping(matrix)
+    elif matching == "identity":
+        if num_clusters != num_classes:
+            raise ConfigError(f"identity matching needs as many clusters as classes, got {num_clusters} and {num_classes}")
+        mapping = np.arange(num_classes)
+    else:
+        raise ConfigError(f"unknown matching {matching!r}; choose one of {', '.join(MATCHINGS)}")
+
+    matched = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for cluster, cls in enumerate(mapping):
+        if cls >= 0:
+            matched[cls] += matrix[cluster]
+    unmatched = matrix[mapping < 0].sum(axis=0)      # wrong predictions for their true class
+
+    tp = np.diag(matched).astype(np.float64)
+    fp = matched.sum(axis=1) - tp
+    fn = matched.sum(axis=0) + unmatched - tp
+    union = tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+    total = matrix.sum()
+    accuracy = float(tp.sum() / total) if total else float("nan")
+    defined = ~np.isnan(iou)
+    miou = float(iou[defined].mean()) if defined.any() else float("nan")
+    return SegmentationScores(
+        pixel_accuracy=100.0 * accuracy,
+        miou=100.0 * miou,
+        per_class_iou=[None if np.isnan(v) else 100.0 * float(v) for v in iou],
+        mapping=[int(m) for m in mapping],
+        matched_confusion=matched,
+        matching=matching,
+    )

@@ -1,0 +1,152 @@
+"""On-disk feature cache: backbone outputs stored once, memory-mapped for every later epoch.
+
+Layout of one entry ``<cache_dir>/<key>/``:
+  ``features.f16``  all feature maps back to back, float16, C-order D x h x w each
+  ``labels.i16``    label maps at the preprocessed size (int16, -1 = ignore), when the data has labels
+  ``index.json``    ids, shapes and offsets, plus the fields the key was computed from
+The key hashes everything that changes the numbers (backbone name, weights checksum, preprocessing,
+flip, dataset fingerprint), so a change re-extracts. ``index.json`` is written last and records the
+byte sizes; an entry whose files do not match it (truncated, interrupted) is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._io import atomic_path, atomic_write_text
+
+FORMAT_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """``$UNSUPSEG_CACHE_DIR`` or ``~/.cache/unsupseg/features``."""
+    env = os.environ.get("UNSUPSEG_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "unsupseg" / "features"
+
+
+def cache_key(fields: dict) -> str:
+    blob = json.dumps({"format": FORMAT_VERSION, **fields}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:20]
+
+
+@dataclass
+class FeatureStore:
+    """Read-only view of one cache entry. ``store[i]`` is a D x h x w float16 tensor (memory-mapped)."""
+
+    path: Path
+    ids: list[str]
+    shapes: list[tuple[int, int, int]]
+    label_shapes: list[tuple[int, int]] | None
+    hit: bool
+    _feat: np.ndarray
+    _feat_offsets: np.ndarray
+    _labels: np.ndarray | None
+    _label_offsets: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def dim(self) -> int:
+        return self.shapes[0][0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        start, shape = int(self._feat_offsets[i]), self.shapes[i]
+        count = shape[0] * shape[1] * shape[2]
+        return torch.from_numpy(np.asarray(self._feat[start : start + count]).reshape(shape))
+
+    def label(self, i: int) -> torch.Tensor | None:
+        if self._labels is None:
+            return None
+        start, shape = int(self._label_offsets[i]), self.label_shapes[i]
+        return torch.from_numpy(np.asarray(self._labels[start : start + shape[0] * shape[1]]).reshape(shape).astype(np.int64))
+
+    def batch(self, indices) -> torch.Tensor:
+        """Stack same-shaped maps into B x D x h x w float32."""
+        return torch.stack([self[int(i)] for i in indices]).float()
+
+    def labels(self, indices) -> torch.Tensor:
+        return torch.stack([self.label(int(i)) for i in indices])
+
+
+def _open(path: Path, hit: bool) -> FeatureStore | None:
+    index_file = path / "index.json"
+    if not index_file.exists():
+        return None
+    try:
+        index = json.loads(index_file.read_text())
+        shapes = [tuple(s) for s in index["shapes"]]
+        n_feat = sum(a * b * c for a, b, c in shapes)
+        feat_file = path / "features.f16"
+        if feat_file.stat().st_size != 2 * n_feat or index.get("format") != FORMAT_VERSION:
+            return None
+        feat = np.memmap(feat_file, dtype=np.float16, mode="c", shape=(n_feat,))
+        offsets = np.concatenate([[0], np.cumsum([a * b * c for a, b, c in shapes])[:-1]]).astype(np.int64)
+        labels = label_offsets = label_shapes = None
+        if index.get("label_shapes") is not None:
+            label_shapes = [tuple(s) for s in index["label_shapes"]]
+            n_lab = sum(a * b for a, b in label_shapes)
+            label_file = path / "labels.i16"
+            if label_file.stat().st_size != 2 * n_lab:
+                return None
+            labels = np.memmap(label_file, dtype=np.int16, mode="c", shape=(n_lab,))
+            label_offsets = np.concatenate([[0], np.cumsum([a * b for a, b in label_shapes])[:-1]]).astype(np.int64)
+    except (OSError, ValueError, KeyError):
+        return None
+    return FeatureStore(path, index["ids"], shapes, label_shapes, hit, feat, offsets, labels, label_offsets)
+
+
+def open_or_build(
+    cache_dir: str | os.PathLike,
+    key_fields: dict,
+    items: Callable[[], Iterable[tuple[str, torch.Tensor, torch.Tensor | None]]],
+) -> FeatureStore:
+    """Return the cached entry for ``key_fields``, building it from ``items()`` when missing or broken.
+
+    ``items()`` yields ``(id, features D x h x w, label h' x w' or None)`` and is only called on a miss.
+    """
+    path = Path(cache_dir) / cache_key(key_fields)
+    store = _open(path, hit=True)
+    if store is not None:
+        return store
+    if path.exists():
+        if (path / "index.json").exists():
+            warnings.warn(f"feature cache {path} is incomplete or truncated; rebuilding it", stacklevel=2)
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    ids, shapes, label_shapes = [], [], []
+    has_labels = None
+    with atomic_path(path / "features.f16") as feat_tmp, atomic_path(path / "labels.i16") as lab_tmp:
+        with open(feat_tmp, "wb") as feat_fh, open(lab_tmp, "wb") as lab_fh:
+            for item_id, feats, label in items():
+                ids.append(item_id)
+                shapes.append(tuple(int(s) for s in feats.shape))
+                feat_fh.write(feats.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+                if has_labels is None:
+                    has_labels = label is not None
+                if has_labels:
+                    label_shapes.append(tuple(int(s) for s in label.shape))
+                    lab_fh.write(label.to(torch.int16).contiguous().numpy().tobytes())
+    if not has_labels:
+        (path / "labels.i16").unlink(missing_ok=True)
+    index = {
+        "format": FORMAT_VERSION,
+        "key": key_fields,
+        "ids": ids,
+        "shapes": shapes,
+        "label_shapes": label_shapes if has_labels else None,
+    }
+    atomic_write_text(path / "index.json", json.dumps(index))
+    store = _open(path, hit=False)
+    assert store is not None, f"feature cache {path} unreadable right after writing"
+    return store

@@ -1,0 +1,1 @@
+"""Importers of the published CAUSE and STEGO model files into run directories."""

@@ -1,0 +1,77 @@
+"""What every method provides, and what the shared fit machinery hands it.
+
+A method module exposes:
+  ``Params``                       its typed config dataclass (the ``params:`` section of a run config)
+  ``fit(ctx: FitContext) -> dict``  train and return its state (tensors only), saved as safetensors
+  ``build_predictor(params, state, ctx_info: PredictorInfo) -> Predictor``
+The Segmenter (api layer) does flip averaging, tiling, upsampling, CRF and argmax around
+``Predictor.embed`` and ``Predictor.classify``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import RunConfig
+from ..engine import Dist
+
+
+@dataclass
+class FitContext:
+    config: RunConfig
+    params: Any                          # the method's Params instance
+    backbone: nn.Module                  # frozen Backbone
+    features: Callable[..., Any]         # features(resolution=None, split=None, flip=False) -> FeatureStore
+    dataset: Any                         # the training SegDataset (images, labels when known)
+    num_classes: int | None              # classes of the labelled data (linear probe only), else None
+    dist: Dist
+    checkpoint_dir: Path | None
+    log: Callable[[str], None]
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    def generator(self, offset: int = 0) -> torch.Generator:
+        """A CPU generator seeded from the run seed (``offset`` separates independent streams)."""
+        return torch.Generator().manual_seed(self.config.seed * 1000 + offset)
+
+
+@dataclass
+class PredictorInfo:
+    num_clusters: int
+    feature_dim: int
+    stride: int
+
+
+class Predictor(nn.Module):
+    """Per-pixel scores from backbone features, split in two so that flip averaging and upsampling
+    happen on the embedding, as in the reference test-time paths.
+
+    ``upsample_scores`` makes the Segmenter upsample the C score maps instead of the embedding (cheaper
+    when the embedding is wide; the k-means baseline scores similarity maps this way). ``fixed_grid``
+    is the token grid a
+    head requires (TR heads), or None when any grid works.
+    """
+
+    fixed_grid: tuple[int, int] | None = None
+    upsample_scores: bool = False
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:   # B x D x h x w -> B x r x h x w
+        raise NotImplementedError
+
+    def classify(self, embedding: torch.Tensor) -> torch.Tensor:  # B x r x H x W -> B x C x H x W
+        raise NotImplementedError
+
+
+def cosine_scores(embedding: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """cos(embedding[:, :, y, x], centroids[c]) as B x C x H x W."""
+    emb = nn.functional.normalize(embedding, dim=1)
+    cen = nn.functional.normalize(centroids, dim=1)
+    return torch.einsum("brhw,cr->bchw", emb, cen)

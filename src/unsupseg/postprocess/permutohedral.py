@@ -1,0 +1,331 @@
+"""Permutohedral lattice (Adams, Baek & Davis 2010), vectorised in PyTorch.
+
+This is a re-implementation of the lattice in Philipp Krähenbühl's ``densecrf`` library
+(``permutohedral.cpp``, the code behind ``pydensecrf``), written with whole-tensor operations so
+that it runs on CPU and CUDA without a compiler.
+
+Exact (same as densecrf):
+
+* **Lattice construction** follows densecrf operation for operation in float32: the elevation
+  ``y = E f`` with the same scale factors (``inv_std_dev = sqrt(2/3) * (d+1)``) accumulated in the
+  same order, round-half-to-even of ``y / (d+1)`` (the ``_mm_cvtps_epi32`` of densecrf's SSE build),
+  the same rank (sort) of the remainders including its tie-breaking, the same "back onto the
+  plane" correction, and the same barycentric weights including the wrap-around term. Every point
+  therefore splats to the same ``d + 1`` lattice vertices with the same weights as in densecrf.
+  densecrf's SSE build also inserts the vertices of the simplex at the origin when the number of
+  points is not a multiple of 4 (its zero-padded last block); they carry no value but relay the
+  blur, and are reproduced here.
+* **Filtering** is splat, blur along the lattice directions ``0, 1, ..., d`` (in that order) with
+  ``new[v] = old[v] + (old[n1] + old[n2]) / 2`` where missing neighbours count as zero, then slice
+  with the barycentric weights times ``alpha = 1 / (1 + 2^-d)``.
+
+Different (results agree to float32 rounding, not bit for bit):
+
+* densecrf's hash table is replaced by sorting: the vertex keys (integer coordinates) are packed
+  into one int64 each and deduplicated with a sort; blur neighbours are found with
+  ``torch.searchsorted``. All ``d`` coordinates of a vertex of remainder ``r`` are congruent to
+  ``r`` modulo ``d + 1``, so the code packs ``(image, r, quotients)``. Vertex *order* differs from
+  densecrf's insertion order, which only changes float summation order.
+* splat, each blur step and slice are sparse CSR matrices, built once per lattice and reused by
+  every mean-field iteration; their products sum in a different order than densecrf's loops.
+
+Several images are filtered together by building one lattice over all of them with the image index
+packed into the vertex codes: vertices of different images never meet, so the result equals one
+lattice per image.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["PermutohedralLattice", "build_lattice", "csr"]
+
+_MAX_BITS = 62
+
+
+def csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A sparse CSR float32 tensor, without torch's beta-feature and invariant-check warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            crow, col, val, size=size, dtype=torch.float32, device=val.device, check_invariants=False
+        )
+
+
+def _scale_factors(d: int) -> list[float]:
+    """densecrf's diagonal of E times ``inv_std_dev``, each rounded to float32 as densecrf does."""
+    inv_std_dev = float(torch.tensor(math.sqrt(2.0 / 3.0) * (d + 1), dtype=torch.float32))
+    return [
+        float(torch.tensor(1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev, dtype=torch.float32))
+        for i in range(d)
+    ]
+
+
+@dataclass
+class PermutohedralLattice:
+    """A lattice built over ``num_points`` feature vectors of dimension ``d``.
+
+    ``offsets``/``weights`` (num_points x (d+1)) are the vertices each point splats to and their
+    barycentric weights; ``splat_crow/splat_col/splat_val`` hold the same entries vertex-major
+    (CSR); ``blur`` holds the ``d + 1`` blur steps as sparse CSR matrices.
+    """
+
+    d: int
+    num_points: int
+    num_vertices: int
+    offsets: torch.Tensor
+    weights: torch.Tensor
+    splat_crow: torch.Tensor
+    splat_col: torch.Tensor
+    splat_val: torch.Tensor
+    neighbors: torch.Tensor  # (d+1) x num_vertices x 2 int64, -1 where missing
+    blur: list[torch.Tensor]
+
+    @property
+    def alpha(self) -> float:
+        """densecrf's "magic scaling constant" applied at slicing."""
+        return 1.0 / (1.0 + 2.0 ** (-self.d))
+
+    @property
+    def device(self) -> torch.device:
+        return self.offsets.device
+
+    def splat_matrix(self, col_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Sparse (num_vertices x num_points) splatting matrix; column j scaled by col_scale[j]."""
+        w = self.splat_val
+        if col_scale is not None:
+            w = w * col_scale[self.splat_col]
+        return csr(self.splat_crow, self.splat_col, w, (self.num_vertices, self.num_points))
+
+    def slice_matrix(self, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Sparse (num_points x num_vertices) slicing matrix including ``alpha``; row i scaled by
+        row_scale[i] (used to fold the kernel normalisation and the Potts weight in)."""
+        n, k = self.offsets.shape
+        w = self.weights * self.alpha
+        if row_scale is not None:
+            w = w * row_scale[:, None]
+        crow = torch.arange(0, n * k + 1, k, device=self.device, dtype=torch.int64)
+        # offsets are increasing along each row (see build_lattice): a valid sorted CSR
+        return csr(crow, self.offsets.reshape(-1), w.reshape(-1), (n, self.num_vertices))
+
+    def compute(self, values: torch.Tensor) -> torch.Tensor:
+        """Filter ``values`` (num_points x C float32) like densecrf's ``Permutohedral::compute``."""
+        v = self.splat_matrix() @ values
+        for step in self.blur:
+            v = step @ v
+        return self.slice_matrix() @ v
+
+
+def build_lattice(
+    features: torch.Tensor,
+    batch_index: torch.Tensor | None = None,
+    batch_size: int = 1,
+    points_per_image: int | None = None,
+) -> PermutohedralLattice:
+    """Build the lattice of ``features`` (P x d, float32, any device).
+
+    ``batch_index`` (P int64 in ``[0, batch_size)``; default: all points in image 0) says which
+    image each point belongs to; points of different images never share a vertex.
+    ``points_per_image`` (default ``P // batch_size``) is each image's point count, used only to
+    reproduce densecrf's zero-padding vertices (see the module docstring).
+    """
+    device = features.device
+    features = features.to(torch.float32)
+    P, d = features.shape
+    if P == 0 or d == 0:
+        raise ValueError(f"cannot build a lattice over features of shape {tuple(features.shape)}")
+    d1 = d + 1
+    if points_per_image is None:
+        points_per_image = P // batch_size
+    if batch_index is None:
+        batch_index = torch.zeros(P, dtype=torch.int64, device=device)
+
+    def f32(x: float) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.float32, device=device)
+
+    scale = _scale_factors(d)
+    inv_d1, d1_f = f32(1.0 / d1), f32(float(d1))
+    cols = [features[:, i].contiguous() for i in range(d)]
+
+    # Elevate y = E f, accumulating from the last coordinate as densecrf does (float32).
+    elev: list[torch.Tensor] = [None] * d1  # type: ignore[list-item]
+    sm = torch.zeros(P, dtype=torch.float32, device=device)
+    for j in range(d, 0, -1):
+        cf = cols[j - 1] * f32(scale[j - 1])
+        elev[j] = sm - f32(float(j)) * cf
+        sm = sm + cf
+    elev[0] = sm
+    del cols
+
+    # Closest remainder-0 point by round-half-to-even, its coordinate sum.
+    v = [torch.round(e * inv_d1) for e in elev]
+    rem0 = [x * d1_f for x in v]
+    vsum = v[0].clone()
+    for x in v[1:]:
+        vsum += x
+    vsum = vsum.to(torch.int64)
+    del v
+
+    # Rank of each coordinate's remainder, with densecrf's pairwise tie-breaking.
+    diff = [e - r for e, r in zip(elev, rem0)]
+    rank = [vsum.clone() for _ in range(d1)]  # includes "rank += sum"
+    for i in range(d):
+        for j in range(i + 1, d1):
+            c = diff[i] < diff[j]
+            rank[i] += c
+            rank[j] += ~c
+    del diff
+
+    # Bring points that are off the plane back; quotients q0 = rem0 / (d+1) as integers.
+    q0 = []
+    for i in range(d1):
+        lo = rank[i] < 0
+        hi = rank[i] >= d1
+        fix = lo.to(torch.int64) - hi.to(torch.int64)
+        rank[i] += fix * d1
+        rem0[i] = rem0[i] + fix.to(torch.float32) * d1_f
+        q0.append(torch.round(rem0[i] / d1_f).to(torch.int64))
+
+    # Barycentric coordinates, with densecrf's float operations.
+    vb = [(e - r) * inv_d1 for e, r in zip(elev, rem0)]
+    del elev, rem0
+    # by_rank[k] = vb of the coordinate of rank k (rank is a permutation of 0..d per point)
+    by_rank = torch.empty(d1, P, dtype=torch.float32, device=device)
+    by_rank.scatter_(0, torch.stack(rank, 0), torch.stack(vb, 0))
+    del vb
+    bary = [by_rank[d] + (1.0 - by_rank[0])]
+    bary += [by_rank[d - p] - by_rank[d - p + 1] for p in range(1, d1)]
+    del by_rank
+
+    # Pack vertex codes. Vertex r of a point has key[i] = rem0[i] + r - (d+1) [rank[i] > d - r],
+    # i.e. remainder r and quotient q0[i] - [rank[i] > d - r] in each of the first d coordinates.
+    pad = points_per_image % 4 != 0
+    qmin, qmax = [], []
+    for i in range(d):
+        lo, hi = int(q0[i].min()), int(q0[i].max())
+        if pad:
+            lo, hi = min(lo, 0), max(hi, 0)
+        qmin.append(lo - 2)  # keys go one below q0, blur neighbours one further
+        qmax.append(hi + 1)
+    radix = [hi - lo + 1 for lo, hi in zip(qmin, qmax)]
+    bits = math.log2(batch_size * d1) + sum(math.log2(r) for r in radix)
+    if bits > _MAX_BITS:
+        raise OverflowError(
+            f"lattice vertex codes need {bits:.1f} bits (> {_MAX_BITS}): filter fewer images at "
+            "once or use larger kernel widths"
+        )
+    stride = [1] * d
+    for i in range(d - 2, -1, -1):
+        stride[i] = stride[i + 1] * radix[i + 1]
+    stride_r = stride[0] * radix[0]
+    stride_b = stride_r * d1
+
+    # codes are laid out remainder-major (d+1 rows of P): entry e = r * P + p.
+    base = batch_index.to(device=device, dtype=torch.int64) * stride_b
+    for i in range(d):
+        base += (q0[i] - qmin[i]) * stride[i]
+    codes = []
+    for r in range(d1):
+        c = base + r * stride_r if r else base
+        for i in range(d):
+            if d - r < d1 - 1:  # rank[i] > d - r is possible
+                c = c - (rank[i] > d - r).to(torch.int64) * stride[i]
+        codes.append(c)
+    flat = torch.cat(codes)
+    bary_t = torch.stack(bary, 0)  # (d+1) x P
+    del base, rank, q0, codes, bary
+    n_real = flat.numel()
+    if pad:
+        # the simplex at the origin: q0 = 0, rank[i] = i
+        origin = [
+            sum(-qmin[i] * stride[i] for i in range(d))
+            + r * stride_r
+            - sum(stride[i] for i in range(d) if i > d - r)
+            for r in range(d1)
+        ]
+        extra = (
+            torch.arange(batch_size, dtype=torch.int64)[:, None] * stride_b
+            + torch.tensor(origin, dtype=torch.int64)[None, :]
+        ).to(device)
+        flat = torch.cat([flat, extra.reshape(-1)])
+
+    # Deduplicate by sorting: vertex ids, the inverse map and the vertex-major (splat) order.
+    # Vertex ids are ordered by (image, remainder, quotients), so the d+1 vertices of a point
+    # have increasing ids in r, and each vertex's points come in increasing point order: the
+    # splat and slice matrices get sorted column indices for free.
+    sorted_codes, perm = torch.sort(flat, stable=True)
+    uniq, vid, counts = torch.unique_consecutive(sorted_codes, return_inverse=True, return_counts=True)
+    M = uniq.numel()
+    inverse = torch.empty_like(vid)
+    inverse[perm] = vid
+    offsets = inverse[:n_real].view(d1, P).t().contiguous()
+    weights = bary_t.t().contiguous()
+    if pad:
+        real = perm < n_real
+        perm = perm[real]
+        counts = torch.bincount(vid[real], minlength=M)
+    splat_val = bary_t.reshape(-1)[perm]
+    splat_col = torch.remainder(perm, P)
+    splat_crow = torch.zeros(M + 1, dtype=torch.int64, device=device)
+    torch.cumsum(counts, 0, out=splat_crow[1:])
+    del sorted_codes, perm, vid, inverse, flat, counts, bary_t
+
+    # Blur neighbours: along direction j, n1 = key - 1 except key[j] + d (all - 1 for j = d),
+    # n2 = key + 1 except key[j] - d. In code space n1 is a shift that depends only on whether
+    # r = 0; n2 is the inverse map of n1.
+    at_zero = torch.remainder(torch.div(uniq, stride_r, rounding_mode="floor"), d1) == 0
+    arange_m = torch.arange(M, device=device)
+    neighbors = torch.empty((d1, M, 2), dtype=torch.int64, device=device)
+    blur = []
+    for j in range(d1):
+        shift_pos = -stride_r + (stride[j] if j < d else 0)
+        shift_zero = d * stride_r - sum(stride[i] for i in range(d) if i != j)
+        n1_code = torch.where(at_zero, uniq + shift_zero, uniq + shift_pos)
+        idx = torch.searchsorted(uniq, n1_code).clamp_(max=M - 1)
+        found = uniq[idx] == n1_code
+        n1 = torch.where(found, idx, -1)
+        n2 = torch.full_like(n1, -1)
+        n2[idx[found]] = arange_m[found]
+        neighbors[j, :, 0] = n1
+        neighbors[j, :, 1] = n2
+        blur.append(_blur_csr(n1, n2, arange_m))
+
+    return PermutohedralLattice(
+        d=d,
+        num_points=P,
+        num_vertices=M,
+        offsets=offsets,
+        weights=weights,
+        splat_crow=splat_crow,
+        splat_col=splat_col,
+        splat_val=splat_val,
+        neighbors=neighbors,
+        blur=blur,
+    )
+
+
+def _blur_csr(n1: torch.Tensor, n2: torch.Tensor, arange_m: torch.Tensor) -> torch.Tensor:
+    """One blur step ``new[i] = old[i] + 0.5 * (old[n1[i]] + old[n2[i]])`` as a CSR matrix
+    (missing neighbours, -1, are left out; column indices sorted within each row)."""
+    M = arange_m.numel()
+    big = torch.iinfo(torch.int64).max
+    half = torch.tensor(0.5, dtype=torch.float32, device=n1.device)
+    one = torch.tensor(1.0, dtype=torch.float32, device=n1.device)
+    c = [torch.where(n1 >= 0, n1, big), arange_m, torch.where(n2 >= 0, n2, big)]
+    w = [half.expand(M), one.expand(M), half.expand(M)]
+    # a three-element sorting network carrying the weights along
+    for a, b in ((0, 1), (1, 2), (0, 1)):
+        swap = c[a] > c[b]
+        c[a], c[b] = torch.where(swap, c[b], c[a]), torch.where(swap, c[a], c[b])
+        w[a], w[b] = torch.where(swap, w[b], w[a]), torch.where(swap, w[a], w[b])
+    cols = torch.stack(c, 1).reshape(-1)
+    vals = torch.stack(w, 1).reshape(-1)
+    valid = cols != big
+    keep = valid.nonzero().squeeze(1)
+    crow = torch.zeros(M + 1, dtype=torch.int64, device=n1.device)
+    torch.cumsum(valid.view(M, 3).sum(1), 0, out=crow[1:])
+    return csr(crow, cols[keep], vals[keep], (M, M))
