@@ -32,6 +32,7 @@ from .config import (
     to_dict,
 )
 from .data import CroppedDataset, ImageFolder, Preprocess, build_dataset, load_image
+from .data.images import DEFAULT_MAX_PIXELS
 from .engine import init_distributed
 from .errors import ConfigError, DataError
 from .evaluation.metrics import ConfusionMatrix, score
@@ -292,9 +293,12 @@ class Segmenter:
         probs = self._finish(scores, batch[:, :, :h, :w], crf)[0]
         return Prediction(probs.argmax(0).cpu().numpy(), probs.cpu())
 
-    def predict(self, image, crf: bool | None = None) -> np.ndarray:
-        """Cluster id per pixel (H x W uint8/int64) for a photo (path or PIL image) at its displayed size."""
-        pil = load_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
+    def predict(self, image, crf: bool | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        """Cluster id per pixel (H x W) for a photo (path or PIL image) at its displayed size.
+
+        A file above ``max_pixels`` is downscaled on load (with a warning) and labelled at that size.
+        """
+        pil = load_image(image, max_pixels=max_pixels) if not isinstance(image, Image.Image) else image.convert("RGB")
         tensor, _ = self.preprocess().apply(pil)
         labels = self.predict_tensor(tensor, crf).labels
         if labels.shape != (pil.height, pil.width):
@@ -418,15 +422,20 @@ def segment(
     crf: bool | None = None,
     overwrite: bool = False,
     strict: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> list[Path]:
     """Write ``<name>.png`` (cluster id per pixel, at the photo's displayed size) and
     ``<name>_overlay.jpg`` for every input image, one image at a time (bounded memory).
 
     Images whose outputs exist are skipped unless ``overwrite``; unreadable images are skipped with a
-    warning (an error when ``strict``). Every file is written atomically.
+    warning (an error when ``strict``); images above ``max_pixels`` are downscaled with a warning and
+    their outputs written at that size. Every file is written atomically.
     """
     seg = run if isinstance(run, Segmenter) else load(run)
     out = Path(out)
+    # temporary files left by an interrupted earlier call (kill -9 skips the clean-up) go first
+    for stale in out.glob(".*.tmp") if out.is_dir() else []:
+        stale.unlink(missing_ok=True)
     written: list[Path] = []
     items = _inputs(inputs, strict)
     for name, path in track(items, len(items), "segmenting"):
@@ -434,7 +443,7 @@ def segment(
         if not overwrite and mask_path.exists() and overlay_path.exists():
             continue
         try:
-            image = load_image(path)
+            image = load_image(path, max_pixels=max_pixels)
         except DataError as err:
             if strict:
                 raise

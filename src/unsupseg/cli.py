@@ -83,11 +83,12 @@ def segment(
     crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="Dense CRF refinement (default: the run's)."),
     overwrite: bool = typer.Option(False, help="Redo images whose outputs exist."),
     strict: bool = typer.Option(False, help="Stop at the first unreadable image instead of skipping it."),
+    max_pixels: int = typer.Option(40_000_000, help="Downscale (with a warning) photos larger than this."),
 ) -> None:
     """Segment photos with a fitted run."""
     from .api import segment as api_segment
 
-    written = api_segment(run_dir, inputs, out_dir, crf=crf, overwrite=overwrite, strict=strict)
+    written = api_segment(run_dir, inputs, out_dir, crf=crf, overwrite=overwrite, strict=strict, max_pixels=max_pixels)
     out.print(f"wrote {len(written)} masks and overlays to {out_dir}")
 
 
@@ -136,6 +137,49 @@ def prepare_crops(
     data = ImageFolder(root) if dataset == "images" else build_dataset(dataset, str(root), split)
     do_prepare(data, kind, out_dir)
     out.print(f"crops of {len(data)} images written to {out_dir}")
+
+
+@app.command()
+def doctor() -> None:
+    """Check the installation: torch, device, backbones with weights here, optional extras."""
+    import importlib.util
+    import platform
+
+    import torch
+
+    from .backbones import list_backbones
+    from .features.cache import default_cache_dir
+
+    table = Table(title=f"unsupseg {__version__} doctor", show_header=False)
+    table.add_row("python", platform.python_version())
+    table.add_row("torch", torch.__version__)
+    cuda = torch.cuda.is_available()
+    table.add_row("device", f"cuda ({torch.cuda.get_device_name(0)})" if cuda else "cpu (no CUDA device)")
+    table.add_row("cpu threads", str(torch.get_num_threads()))
+    ready = [b.name for b in list_backbones() if b.weights_available]
+    table.add_row("backbones with weights here", ", ".join(ready) or "none")
+    table.add_row("feature cache", str(default_cache_dir()))
+    extras = {"pydensecrf2 (CRF reference backend)": "pydensecrf", "infomap (Leopart)": "infomap",
+              "networkx (Leopart fallback)": "networkx", "matplotlib (report charts)": "matplotlib",
+              "scikit-image (demo photos)": "skimage"}
+    for label, module in extras.items():
+        table.add_row(label, "installed" if importlib.util.find_spec(module) else "not installed")
+    out.print(table)
+
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("outputs/demo"), "--out", help="Folder for photos, run, masks and overlays."),
+    method: str = typer.Option("kmeans", help="Method to fit."),
+    clusters: int = typer.Option(5, help="Number of clusters to discover."),
+    overwrite: bool = typer.Option(False, help="Fit again even if a finished run is there."),
+) -> None:
+    """The main job on the embedded default: fit, segment and summarise scikit-image's photos."""
+    from .demo import run_demo
+
+    table = run_demo(out_dir, method, clusters, overwrite, out.print)
+    out.print(table)
+    out.print(f"masks and overlays in {out_dir / 'masks'}")
 
 
 def main() -> None:

@@ -29,8 +29,8 @@ def _check_loads_like(name, path, reference, reference_features, size, images):
     backbone = build_backbone(name, weights=path)
     loaded, expected = backbone.encoder.model.state_dict(), reference.state_dict()
     assert loaded.keys() == expected.keys()
-    for key, value in expected.items():
-        torch.testing.assert_close(loaded[key], value, rtol=0, atol=1e-6, msg=key)
+    for key, value in expected.items():  # exact but for DINOv2-reg's cls_token (-pos0, +pos0 again)
+        assert (loaded[key] - value).abs().max() <= 1e-6, key
     x = images(*size)
     torch.testing.assert_close(backbone(x), reference_features(reference, x), rtol=1e-4, atol=1e-4)
     return backbone

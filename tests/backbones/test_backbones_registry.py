@@ -118,8 +118,9 @@ def test_input_checks_name_the_problem(images):
 
 def test_outputs_are_autograd_constants_not_inference_tensors(images):
     backbone = build_backbone("dino_vits16", weights="random")
-    features = backbone(images(32, 32))
-    assert not torch.is_inference(features)
+    x = images(32, 32).requires_grad_()
+    features = backbone(x)
+    assert not torch.is_inference(features) and not features.requires_grad  # no_grad, not inference_mode
     head = torch.nn.Conv2d(384, 4, 1)
     head(features).square().mean().backward()
     assert head.weight.grad is not None

@@ -181,12 +181,15 @@ def vit_from_state(
 
 
 def _empty_model(spec: BackboneSpec, num_heads: int | None, drop_path_rate: float, qkv_bias: bool) -> nn.Module:
-    """The timm architecture with uninitialised tensors (built on the meta device: skipping timm's init
-    saves seconds); computed non-persistent buffers (RoPE periods, DINOv3's fixed k-bias) are filled."""
+    """The timm architecture with uninitialised tensors (built on the meta device: timm's init takes
+    seconds per ViT-B on CPU); computed non-persistent buffers (RoPE periods, DINOv3's fixed k-bias) are
+    filled."""
     arch = spec.arch + ("_qkvb" if qkv_bias else "")
     kwargs = {"num_classes": 0, "global_pool": "", "drop_path_rate": drop_path_rate}
     if num_heads is not None:
         kwargs["num_heads"] = num_heads
+    if spec.family != "dinov3":
+        kwargs["weight_init"] = "skip"  # even on the meta device timm's init costs a few tenths of a second
     with torch.device("meta"):
         model = timm.create_model(arch, pretrained=False, **kwargs)
     model.to_empty(device="cpu")

@@ -45,7 +45,7 @@ _CONNECT_TIMEOUT_S = 3.0
 
 HOW_TO_PASS = (
     "pass the file with --backbone-weights FILE (CLI) or weights=FILE (Python), "
-    f"or put it into the folder named by ${WEIGHTS_DIR_ENV}"
+    f"or put it, under one of the names above, into the folder named by ${WEIGHTS_DIR_ENV}"
 )
 
 

@@ -9,6 +9,7 @@ exception types themselves.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,11 @@ from PIL import Image, ImageOps
 from unsupseg.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
+
+# Photos above this many pixels are downscaled on load (with a warning): segmentation runs at a few
+# hundred pixels anyway, and a 100-megapixel decode costs gigabytes. Pillow's own decompression-bomb
+# limit still refuses absurd sizes.
+DEFAULT_MAX_PIXELS = 40_000_000
 
 _WHITE = (255, 255, 255)
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
@@ -51,8 +57,11 @@ def check_image_header(path: str | os.PathLike) -> tuple[int, int]:
     return width, height
 
 
-def load_image(path: str | os.PathLike, *, exif_transpose: bool = True) -> Image.Image:
+def load_image(path: str | os.PathLike, *, exif_transpose: bool = True, max_pixels: int | None = None) -> Image.Image:
     """Decode an image file completely and return it as 8-bit RGB.
+
+    - Images larger than ``max_pixels`` (None: no limit) are downscaled, keeping the aspect ratio,
+      with a DataWarning naming the file (JPEGs decode directly at a reduced scale).
 
     - EXIF orientation is applied unless ``exif_transpose=False`` (labelled benchmarks pass False:
       their annotations are drawn on the stored pixel grid, as the reference code reads them).
@@ -66,7 +75,21 @@ def load_image(path: str | os.PathLike, *, exif_transpose: bool = True) -> Image
     _check_nonempty(path)
     try:
         with Image.open(path) as img:
+            too_big = max_pixels is not None and img.width * img.height > max_pixels
+            if too_big:
+                scale = (max_pixels / (img.width * img.height)) ** 0.5
+                target = (max(1, int(img.width * scale)), max(1, int(img.height * scale)))
+                original = img.size
+                img.draft("RGB", target)   # JPEG: decode at 1/2, 1/4 or 1/8 scale, no-op otherwise
             img.load()  # full decode: truncated or corrupt data fails here, not later
+            if too_big:
+                img = img.resize(target, Image.BILINEAR) if img.size != target else img
+                warnings.warn(
+                    f"{path}: {original[0]}x{original[1]} image is above {max_pixels} pixels; "
+                    f"downscaled to {target[0]}x{target[1]}",
+                    DataWarning,
+                    stacklevel=2,
+                )
             if exif_transpose:
                 img = ImageOps.exif_transpose(img)
             return to_rgb(img)

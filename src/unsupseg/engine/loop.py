@@ -10,6 +10,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -75,7 +76,7 @@ def _load(path: Path, stage: Stage) -> tuple[int, bool]:
         for name, obj in stage.state.items():
             obj.load_state_dict(payload["state"][name])
         torch.set_rng_state(payload["rng"])
-    except (RuntimeError, KeyError, EOFError) as err:
+    except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:
         raise RunDirError(
             f"training checkpoint {path} cannot be resumed ({err}); delete it to restart this stage"
         ) from None

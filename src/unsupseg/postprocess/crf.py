@@ -50,13 +50,18 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from unsupseg.errors import ConfigError
-from unsupseg.postprocess.permutohedral import PermutohedralLattice, build_lattice
+from unsupseg.postprocess.permutohedral import (
+    LatticeOverflowError,
+    PermutohedralLattice,
+    build_lattice,
+)
 
 __all__ = ["refine", "refine_batch", "BACKENDS", "DEFAULT_PARAMS"]
 
@@ -173,8 +178,9 @@ def refine_batch(
         raise ConfigError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
 
     as_numpy = isinstance(log_probs, np.ndarray)
-    lp_t = torch.from_numpy(lp) if isinstance(lp, np.ndarray) else lp
-    img_t = torch.from_numpy(np.ascontiguousarray(imgs)) if isinstance(imgs, np.ndarray) else imgs
+    # np.require copies only arrays that are read-only or not C-contiguous (torch needs neither)
+    lp_t = torch.from_numpy(np.require(lp, requirements=["C", "W"])) if isinstance(lp, np.ndarray) else lp
+    img_t = torch.from_numpy(np.require(imgs, requirements=["C", "W"])) if isinstance(imgs, np.ndarray) else imgs
     device = lp_t.device
     B = lp_t.shape[0]
     if B == 0:
@@ -361,7 +367,88 @@ def _softmax_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x, dim=1)
 
 
+@dataclass
+class _Term:
+    """One pairwise kernel ready for mean-field: ``compat * n * K(n * Q)`` as sparse products, with
+    the normalisation ``n`` and the Potts weight folded into the splat and slice matrices.
+    ``shape`` is the view of the P x C state the lattice filters (N x (B*C) for a lattice shared
+    by the images of a batch)."""
+
+    splat: torch.Tensor
+    blur: list[torch.Tensor]
+    slice: torch.Tensor
+    shape: tuple[int, int]
+
+
+def _term(lattice: PermutohedralLattice, norm: torch.Tensor, compat: float, shape) -> _Term:
+    return _Term(
+        lattice.splat_matrix(norm), lattice.blur, lattice.slice_matrix(norm * compat), tuple(shape)
+    )
+
+
+def _mean_field(neg_unary: torch.Tensor, terms: list[_Term], iterations: int) -> torch.Tensor:
+    """densecrf's ``DenseCRF::inference`` on a P x C float32 ``-unary``; returns P x C marginals.
+
+    ``Q = softmax(-unary)``; then ``iterations`` times
+    ``Q = softmax(-unary - sum_k Potts_k(K_k Q))`` with ``Potts_k(x) = -compat_k * x``.
+    """
+    device = neg_unary.device
+    q = _softmax_rows(neg_unary)
+    if iterations == 0 or not terms:
+        return q
+    # Preallocated buffers: in-place ``addmm_`` (beta 0 to overwrite) avoids the zero fill and the
+    # copy that ``sparse @ dense`` makes on every call.
+    bufs = [
+        (
+            torch.zeros(t.splat.shape[0], t.shape[1], dtype=torch.float32, device=device),
+            torch.zeros(t.splat.shape[0], t.shape[1], dtype=torch.float32, device=device),
+        )
+        for t in terms
+    ]
+    logits = torch.empty_like(neg_unary)
+    for _ in range(iterations):
+        logits.copy_(neg_unary)
+        for t, (va, vb) in zip(terms, bufs):
+            va.addmm_(t.splat, q.view(t.shape), beta=0.0)
+            for step in t.blur:
+                vb.addmm_(step, va, beta=0.0)
+                va, vb = vb, va
+            logits.view(t.shape).addmm_(t.slice, va)
+        q = _softmax_rows(logits)
+    return q
+
+
+def _refine_features(
+    unary: torch.Tensor, kernels: list[tuple[torch.Tensor, float]], iterations: int
+) -> torch.Tensor:
+    """Mean-field with arbitrary features, like pydensecrf's ``DenseCRF.addPairwiseEnergy``
+    (Potts, DIAG_KERNEL, NORMALIZE_SYMMETRIC): ``unary`` P x C energies, ``kernels`` a list of
+    (P x d float32 features, compat). Returns P x C marginals. Used to test the lattice."""
+    terms = []
+    for feats, compat in kernels:
+        lat = build_lattice(feats.to(torch.float32))
+        terms.append(_term(lat, _norm(lat), float(compat), unary.shape))
+    return _mean_field((-unary).to(torch.float32).contiguous(), terms, iterations)
+
+
 def _refine_torch(images: torch.Tensor, lp: torch.Tensor, p: dict[str, Any]) -> torch.Tensor:
+    try:
+        return _refine_torch_batch(images, lp, p)
+    except LatticeOverflowError as exc:
+        B = lp.shape[0]
+        if B == 1:
+            raise ConfigError(
+                f"the bilateral kernel (bilateral_sxy={p['bilateral_sxy']}, "
+                f"bilateral_srgb={p['bilateral_srgb']}) or the Gaussian kernel (gaussian_sxy="
+                f"{p['gaussian_sxy']}) is too narrow for a {lp.shape[2]}x{lp.shape[3]} image: {exc}"
+            ) from exc
+        h = B // 2
+        return torch.cat(
+            [_refine_torch(images[:h], lp[:h], p), _refine_torch(images[h:], lp[h:], p)], 0
+        )
+
+
+def _refine_torch_batch(images: torch.Tensor, lp: torch.Tensor, p: dict[str, Any]) -> torch.Tensor:
     B, C, H, W = lp.shape
     N = H * W
     device = lp.device
@@ -369,47 +456,18 @@ def _refine_torch(images: torch.Tensor, lp: torch.Tensor, p: dict[str, Any]) -> 
     # identical for every image, filters an N x (B*C) view of the same memory.
     neg_unary = -_unary(lp, p["unary_clip"]).permute(2, 3, 0, 1).reshape(N * B, C)
     neg_unary = neg_unary.contiguous()
-    q = _softmax_rows(neg_unary)
-    if p["iterations"] == 0:
-        return q.view(H, W, B, C).permute(2, 3, 0, 1).contiguous()
-
-    # (splat, blur steps, slice, shape of the value matrix), with the kernel normalisation and the
-    # Potts weight folded into the splat and slice matrices.
-    terms: list[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, tuple[int, int]]] = []
-    if p["bilateral_compat"] != 0.0:
+    terms: list[_Term] = []
+    if p["iterations"] > 0 and p["bilateral_compat"] != 0.0:
         feats = _bilateral_features(images, p["bilateral_sxy"], p["bilateral_srgb"])
         batch_index = torch.arange(B, device=device).repeat(N)
         blat = build_lattice(feats, batch_index=batch_index, batch_size=B, points_per_image=N)
         del feats, batch_index
-        bnorm = _norm(blat)
-        terms.append(
-            (
-                blat.splat_matrix(bnorm),
-                blat.blur,
-                blat.slice_matrix(bnorm * p["bilateral_compat"]),
-                (N * B, C),
-            )
-        )
+        terms.append(_term(blat, _norm(blat), p["bilateral_compat"], (N * B, C)))
         del blat
-    if p["gaussian_compat"] != 0.0:
+    if p["iterations"] > 0 and p["gaussian_compat"] != 0.0:
         glat, gnorm = _gaussian_lattice(H, W, p["gaussian_sxy"], device)
-        terms.append(
-            (
-                glat.splat_matrix(gnorm),
-                glat.blur,
-                glat.slice_matrix(gnorm * p["gaussian_compat"]),
-                (N, B * C),
-            )
-        )
-
-    for _ in range(p["iterations"]):
-        logits = neg_unary.clone() if terms else neg_unary
-        for splat, blur, slc, shape in terms:
-            v = splat @ q.view(shape)
-            for step in blur:
-                v = step @ v
-            logits.view(shape).addmm_(slc, v)
-        q = _softmax_rows(logits)
+        terms.append(_term(glat, gnorm, p["gaussian_compat"], (N, B * C)))
+    q = _mean_field(neg_unary, terms, p["iterations"])
     return q.view(H, W, B, C).permute(2, 3, 0, 1).contiguous()
 
 

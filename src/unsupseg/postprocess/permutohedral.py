@@ -42,13 +42,20 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PermutohedralLattice", "build_lattice", "csr"]
+__all__ = ["LatticeOverflowError", "PermutohedralLattice", "build_lattice", "csr"]
 
 _MAX_BITS = 62
 
 
+class LatticeOverflowError(OverflowError):
+    """The lattice vertex keys of this feature set do not fit in 62 bits."""
+
+
 def csr(crow: torch.Tensor, col: torch.Tensor, val: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A sparse CSR float32 tensor, without torch's beta-feature and invariant-check warnings."""
+    """A sparse CSR float32 tensor (int32 indices where they fit, which spares MKL and cuSPARSE
+    a conversion on every product), without torch's beta-feature and invariant-check warnings."""
+    if col.numel() < 2**31 - 1 and max(size) < 2**31 - 1:
+        crow, col = crow.to(torch.int32), col.to(torch.int32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(
@@ -214,7 +221,7 @@ def build_lattice(
     radix = [hi - lo + 1 for lo, hi in zip(qmin, qmax)]
     bits = math.log2(batch_size * d1) + sum(math.log2(r) for r in radix)
     if bits > _MAX_BITS:
-        raise OverflowError(
+        raise LatticeOverflowError(
             f"lattice vertex codes need {bits:.1f} bits (> {_MAX_BITS}): filter fewer images at "
             "once or use larger kernel widths"
         )
@@ -253,33 +260,51 @@ def build_lattice(
         ).to(device)
         flat = torch.cat([flat, extra.reshape(-1)])
 
-    # Deduplicate by sorting: vertex ids, the inverse map and the vertex-major (splat) order.
-    # Vertex ids are ordered by (image, remainder, quotients), so the d+1 vertices of a point
-    # have increasing ids in r, and each vertex's points come in increasing point order: the
-    # splat and slice matrices get sorted column indices for free.
+    # Deduplicate by sorting. The sort groups equal codes; within a group entries keep their
+    # order e = r * P + p, i.e. increasing point index (all entries of a vertex share r).
     sorted_codes, perm = torch.sort(flat, stable=True)
     uniq, vid, counts = torch.unique_consecutive(sorted_codes, return_inverse=True, return_counts=True)
+    del sorted_codes, flat
     M = uniq.numel()
-    inverse = torch.empty_like(vid)
-    inverse[perm] = vid
-    offsets = inverse[:n_real].view(d1, P).t().contiguous()
-    weights = bary_t.t().contiguous()
-    if pad:
+    if pad:  # drop the relay-only origin entries from the splat/slice data
         real = perm < n_real
-        perm = perm[real]
-        counts = torch.bincount(vid[real], minlength=M)
-    splat_val = bary_t.reshape(-1)[perm]
-    splat_col = torch.remainder(perm, P)
+        perm, vid = perm[real], vid[real]
+        counts = torch.bincount(vid, minlength=M)
+    start = torch.cumsum(counts, 0) - counts
+
+    # Number vertices in order of their first point (as densecrf's hash table does): neighbouring
+    # pixels then touch neighbouring vertices, which makes the sparse products cache friendly.
+    first = torch.where(counts > 0, torch.remainder(perm[start.clamp(max=perm.numel() - 1)], P), P)
+    order = torch.argsort(first, stable=True)  # new vertex k is old vertex order[k]
+    newid = torch.empty_like(order)
+    newid[order] = torch.arange(M, device=device)
+    del first
+
+    # Splat (vertex-major CSR): the segments of the sorted entries, in the new vertex order.
+    counts_new = counts[order]
     splat_crow = torch.zeros(M + 1, dtype=torch.int64, device=device)
-    torch.cumsum(counts, 0, out=splat_crow[1:])
-    del sorted_codes, perm, vid, inverse, flat, counts, bary_t
+    torch.cumsum(counts_new, 0, out=splat_crow[1:])
+    nnz = int(splat_crow[-1])
+    src = torch.repeat_interleave(start[order] - splat_crow[:-1], counts_new, output_size=nnz)
+    src += torch.arange(nnz, device=device)
+    splat_e = perm[src]
+    splat_val = bary_t.reshape(-1)[splat_e]
+    splat_col = torch.remainder(splat_e, P)
+    del src, splat_e, counts, counts_new, start
+
+    # Slice (point-major): each point's d+1 vertices, sorted by id.
+    inverse = torch.empty(d1 * P, dtype=torch.int64, device=device)
+    inverse[perm] = newid[vid]
+    offsets, o = torch.sort(inverse.view(d1, P).t(), dim=1)
+    weights = torch.gather(bary_t.t(), 1, o)
+    del inverse, o, perm, vid, bary_t
 
     # Blur neighbours: along direction j, n1 = key - 1 except key[j] + d (all - 1 for j = d),
     # n2 = key + 1 except key[j] - d. In code space n1 is a shift that depends only on whether
-    # r = 0; n2 is the inverse map of n1.
+    # r = 0 (uniq is sorted, so it is found by binary search); n2 is the inverse map of n1.
     at_zero = torch.remainder(torch.div(uniq, stride_r, rounding_mode="floor"), d1) == 0
     arange_m = torch.arange(M, device=device)
-    neighbors = torch.empty((d1, M, 2), dtype=torch.int64, device=device)
+    neighbors = torch.full((d1, M, 2), -1, dtype=torch.int64, device=device)
     blur = []
     for j in range(d1):
         shift_pos = -stride_r + (stride[j] if j < d else 0)
@@ -287,12 +312,11 @@ def build_lattice(
         n1_code = torch.where(at_zero, uniq + shift_zero, uniq + shift_pos)
         idx = torch.searchsorted(uniq, n1_code).clamp_(max=M - 1)
         found = uniq[idx] == n1_code
-        n1 = torch.where(found, idx, -1)
-        n2 = torch.full_like(n1, -1)
-        n2[idx[found]] = arange_m[found]
-        neighbors[j, :, 0] = n1
-        neighbors[j, :, 1] = n2
-        blur.append(_blur_csr(n1, n2, arange_m))
+        src_v = newid[found]  # vertices (new ids) that have an n1 neighbour
+        dst_v = newid[idx[found]]
+        neighbors[j, src_v, 0] = dst_v
+        neighbors[j, dst_v, 1] = src_v
+        blur.append(_blur_csr(neighbors[j, :, 0], neighbors[j, :, 1], arange_m))
 
     return PermutohedralLattice(
         d=d,

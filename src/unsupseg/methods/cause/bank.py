@@ -1,0 +1,64 @@
+"""The per-concept FIFO bank of teacher projections (cause.md §3.2), as one ring buffer.
+
+The reference keeps a Python list per concept and concatenates them all every step (quadratic
+copying). Here the bank is a preallocated K x capacity x P tensor with a write pointer and a length
+per concept, updated with one scatter per step. Entries are stored L2-normalised: the loss only
+ever reads normalised entries, so normalising once at insertion is the same computation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class ConceptBank:
+    def __init__(self, concepts: int, capacity: int, dim: int, keep: float = 0.5, device: torch.device | str = "cpu"):
+        self.capacity = capacity
+        self.keep = keep
+        self.values = torch.zeros(concepts, capacity, dim, device=device)
+        self.pointer = torch.zeros(concepts, dtype=torch.long, device=device)
+        self.length = torch.zeros(concepts, dtype=torch.long, device=device)
+
+    @property
+    def empty(self) -> bool:
+        return not bool(self.length.any())
+
+    def filled(self) -> Tensor:
+        """K x capacity: which slots hold an entry (a queue fills from slot 0 before it wraps)."""
+        return torch.arange(self.capacity, device=self.length.device) < self.length.unsqueeze(1)
+
+    def view(self) -> tuple[Tensor, Tensor] | None:
+        """(values, filled) for the loss, or None while the bank is empty."""
+        return None if self.empty else (self.values, self.filled())
+
+    @torch.no_grad()
+    def update(self, concepts: Tensor, projections: Tensor, generator: torch.Generator) -> None:
+        """Append to queue k a uniformly random ⌊keep·c_k⌋ of the c_k projections assigned to k
+        (in random order), keeping only the newest ``capacity`` entries of each queue."""
+        concepts = concepts.reshape(-1).to(self.values.device)
+        values = F.normalize(projections.detach().reshape(len(concepts), -1).float(), dim=-1).to(self.values.device)
+        k = len(self.values)
+        counts = torch.bincount(concepts, minlength=k)
+        keep = (counts.double() * self.keep).floor().long()
+        # a random order, then grouped by concept (stable): rank = position inside its concept group
+        perm = torch.randperm(len(concepts), generator=generator).to(concepts.device)
+        order = perm[torch.argsort(concepts[perm], stable=True)]
+        grouped = concepts[order]
+        rank = torch.arange(len(order), device=order.device) - (torch.cumsum(counts, 0) - counts)[grouped]
+        kept = keep[grouped]
+        # of the ⌊keep·c⌋ appended, only the last `capacity` can survive the truncation
+        write = (rank < kept) & (rank >= kept - self.capacity)
+        slot = (self.pointer[grouped] + rank) % self.capacity
+        self.values[grouped[write], slot[write]] = values[order[write]]
+        self.pointer = (self.pointer + keep) % self.capacity
+        self.length = (self.length + keep).clamp_max(self.capacity)
+
+    def state_dict(self) -> dict:
+        return {"values": self.values, "pointer": self.pointer, "length": self.length}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values = state["values"].to(self.values.device)
+        self.pointer = state["pointer"].to(self.pointer.device)
+        self.length = state["length"].to(self.length.device)

@@ -1,0 +1,68 @@
+"""CAUSE at test time (cause.md §5): embed = teacher head h_t, classify = cosine to the centroids Φ.
+
+Run state (from ``fit`` or the importer): ``head_ema.*`` (the teacher head's state dict),
+``cluster_probe`` (C x r), ``codebook`` (K x D), ``grid`` (TR only: the h, w token grid it was
+trained on), and ``linear.weight/bias`` (supervised monitoring probe, unused for prediction).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ...errors import CheckpointError
+from ..base import Predictor, PredictorInfo, cosine_scores
+from .heads import MLPHead, TRHead
+from .params import Params
+from .trainer import to_map, to_tokens
+
+HEAD = "head_ema."
+
+
+def head_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k[len(HEAD):]: v for k, v in state.items() if k.startswith(HEAD)}
+
+
+def is_tr(state: dict[str, Tensor]) -> bool:
+    return f"{HEAD}query_pos" in state
+
+
+def head_from_state(state: dict[str, Tensor], params: Params, source: str = "the run state") -> nn.Module:
+    """The teacher head rebuilt from ``state`` (dims read off the tensors), in eval mode."""
+    weights = head_state(state)
+    try:
+        if is_tr(state):
+            f1, ffn = weights["tr.f1.weight"], weights["tr.linear1.weight"]
+            head = TRHead(f1.shape[1], f1.shape[0], state["codebook"], weights["query_pos"].shape[0],
+                          ffn.shape[0], params.tr_heads, params.dropout)
+        else:
+            f1 = weights["f1.weight"]
+            head = MLPHead(f1.shape[1], f1.shape[0], params.dropout)
+        head.load_state_dict(weights)
+    except KeyError as err:
+        raise CheckpointError(f"{source} has no {err.args[0]!r} (a CAUSE head needs it)") from None
+    except RuntimeError as err:
+        raise CheckpointError(f"{source} does not hold a valid CAUSE head: {err}") from None
+    return head.eval()
+
+
+class CausePredictor(Predictor):
+    def __init__(self, head: nn.Module, centroids: Tensor, grid: tuple[int, int] | None):
+        super().__init__()
+        self.head = head
+        self.register_buffer("centroids", centroids.float())
+        self.fixed_grid = grid
+
+    def embed(self, features: Tensor) -> Tensor:
+        return to_map(self.head(to_tokens(features)), tuple(features.shape[-2:]))
+
+    def classify(self, embedding: Tensor) -> Tensor:
+        return cosine_scores(embedding, self.centroids)
+
+
+def build_predictor(params: Params, state: dict[str, Tensor], info: PredictorInfo) -> Predictor:
+    if "cluster_probe" not in state:
+        raise CheckpointError("the run state has no 'cluster_probe' (the CAUSE class centroids)")
+    head = head_from_state(state, params)
+    grid = tuple(int(v) for v in state["grid"]) if is_tr(state) else None
+    return CausePredictor(head, state["cluster_probe"], grid)

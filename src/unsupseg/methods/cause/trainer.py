@@ -1,0 +1,392 @@
+"""CAUSE training: Step 1 (concept clusterbook), Step 2 (front-door training of the head), Step 3
+(cluster probe), each one Stage of the shared engine (progress, checkpoints, exact resume).
+
+Batches come from a ``source`` (the feature cache in a fit: the frozen backbone never runs during
+training). Under torchrun every rank draws the same global batch, grid order and bank subset from
+identically seeded generators and trains on its shard; the trainable modules are DDP-wrapped (their
+gradients are all-reduced), teacher outputs and bank entries are all-gathered, so every rank holds
+the same student, teacher and bank. The global torch RNG (dropout) is the same on every rank, so
+rank 0's checkpoint resumes all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...engine import Dist, GeneratorState, Stage, run_stage
+from ...errors import ConfigError
+from .bank import ConceptBank
+from .heads import MLPHead, ProjectionHead, TRHead, ema_update, make_teacher
+from .losses import (
+    concept_index,
+    draw_grid_order,
+    front_door_loss,
+    front_door_terms,
+    modularity_loss,
+    probe_loss,
+    sample_grid,
+)
+from .params import Params
+
+VARIANTS = {"cause-mlp": "mlp", "cause-tr": "tr"}
+
+
+class StoreSource:
+    """Training batches from a FeatureStore: B x D x h x w features, labels at the image size."""
+
+    def __init__(self, store, labelled: bool):
+        shapes = set(store.shapes)
+        if len(shapes) != 1:
+            raise ConfigError(
+                f"CAUSE trains on batches of equally sized images, but the features in {store.path} have "
+                f"{len(shapes)} different shapes: set data.mode to short_crop or square"
+            )
+        self.store = store
+        self.dim, h, w = shapes.pop()
+        self.grid = (h, w)
+        self.labelled = labelled and store.label(0) is not None
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def features(self, index: Tensor) -> Tensor:
+        return self.store.batch(index.tolist())
+
+    def labels(self, index: Tensor) -> Tensor | None:
+        return self.store.labels(index.tolist()) if self.labelled else None
+
+
+def to_tokens(features: Tensor) -> Tensor:
+    """B x D x h x w -> B x N x D (row-major tokens)."""
+    return features.flatten(2).transpose(1, 2)
+
+
+def to_map(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+    """B x N x F -> B x F x h x w."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)
+
+
+@dataclass
+class Schedule:
+    batch: int
+    steps_per_epoch: int
+    epochs: int
+    seed: int
+
+    @property
+    def total(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def batches(self, n_items: int) -> Callable[[int], list[Tensor]]:
+        """Epoch -> its batches: a fresh seeded permutation per epoch, so a resumed run sees the same."""
+
+        def draw(epoch: int) -> list[Tensor]:
+            perm = torch.randperm(n_items, generator=torch.Generator().manual_seed(self.seed + epoch))
+            return [perm[i * self.batch : (i + 1) * self.batch] for i in range(self.steps_per_epoch)]
+
+        return draw
+
+
+def make_schedule(params: Params, n_items: int, epochs: int, seed: int) -> Schedule:
+    """§7.1: an epoch is N / (batch * ref_world_size) random batches, as one reference replica sees."""
+    if n_items < params.batch_size:
+        raise ConfigError(f"params.batch_size {params.batch_size} is larger than the {n_items} training images")
+    steps = max(1, n_items // (params.batch_size * params.ref_world_size))
+    return Schedule(params.batch_size, steps, epochs, seed)
+
+
+def _clip(parameters, limit: float | None) -> None:
+    if limit is not None:
+        torch.nn.utils.clip_grad_norm_(parameters, limit)
+
+
+# ----------------------------------------------------------------------------- Step 1
+
+
+class Mediator(nn.Module):
+    """The concept clusterbook M (K x D), trained alone by the modularity loss."""
+
+    def __init__(self, concepts: int, dim: int, generator: torch.Generator, temperature: float):
+        super().__init__()
+        self.codebook = nn.Parameter(torch.empty(concepts, dim).uniform_(-1 / concepts, 1 / concepts, generator=generator))
+        self.temperature = temperature
+
+    def forward(self, x: Tensor) -> Tensor:
+        return modularity_loss(x, self.codebook, self.temperature)
+
+
+def mediator_stage(source, params: Params, dist: Dist, seed: int, device) -> tuple[Stage, Mediator]:
+    window, grid = params.grid_window, source.grid
+    mediator = Mediator(params.concepts, source.dim, torch.Generator().manual_seed(seed * 1000 + 11),
+                        params.modularity_temperature).to(device)
+    model = dist.wrap(mediator)
+    optimizer = torch.optim.Adam(mediator.parameters(), lr=params.lr * params.ref_world_size)
+    order_gen = torch.Generator().manual_seed(seed * 1000 + 12)
+    schedule = make_schedule(params, len(source), params.mediator_epochs, seed * 1000 + 100)
+
+    def step(_: int, batch: Tensor) -> dict[str, float]:
+        shard = dist.shard(len(batch))
+        order = draw_grid_order(len(batch), grid, order_gen, window)[shard]
+        x = sample_grid(to_tokens(source.features(batch[shard]).to(device)), order, grid, window)
+        loss = model(x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.item(), "images": len(batch)}
+
+    stage = Stage(
+        "cause-step1-clusterbook", schedule.total, schedule.steps_per_epoch, schedule.batches(len(source)), step,
+        {"mediator": mediator, "optimizer": optimizer, "order": GeneratorState(order_gen)}, params.checkpoint_every,
+    )
+    return stage, mediator
+
+
+# ----------------------------------------------------------------------------- Step 2
+
+
+class Student(nn.Module):
+    """The trainable part of Step 2: student head h_s, projection g_s and the linear probe ℓ.
+
+    forward(tokens, order, y_lin) -> (Z_s = S(g_s(h_s(·))) on the sampled tokens B x n x P,
+    probe logits B x C x h x w on the detached teacher output y_lin, or None without a probe).
+    """
+
+    def __init__(self, head: nn.Module, projection: nn.Module, probe: nn.Module | None, grid, window: int):
+        super().__init__()
+        self.head = head
+        self.projection = projection
+        self.linear = probe
+        self.grid, self.window = grid, window
+
+    def forward(self, tokens: Tensor, order: Tensor, y_lin: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if isinstance(self.head, TRHead):  # the decoder needs the full grid; sample its output
+            z = self.projection(sample_grid(self.head(tokens), order, self.grid, self.window))
+        else:
+            z = self.projection(self.head(sample_grid(tokens, order, self.grid, self.window)))
+        logits = None
+        if self.linear is not None and y_lin is not None:
+            logits = to_map(self.linear(y_lin.detach()), self.grid)
+        return z, logits
+
+
+def build_head(variant: str, dim: int, params: Params, codebook: Tensor, grid: tuple[int, int]) -> nn.Module:
+    if variant == "tr":
+        return TRHead(dim, params.reduced_dim, codebook, grid[0] * grid[1], params.tr_ffn_dim, params.tr_heads, params.dropout)
+    return MLPHead(dim, params.reduced_dim, params.dropout)
+
+
+@dataclass
+class FrontDoor:
+    student: Student
+    head_teacher: nn.Module
+    projection_teacher: nn.Module
+    bank: ConceptBank
+
+
+def front_door_stage(
+    source, codebook: Tensor, variant: str, num_classes: int | None, params: Params, dist: Dist, seed: int, device
+) -> tuple[Stage, FrontDoor]:
+    window, grid = params.grid_window, source.grid
+    codebook = codebook.detach().to(device)
+    head = build_head(variant, source.dim, params, codebook, grid)
+    probe = nn.Linear(params.reduced_dim, num_classes) if source.labelled and num_classes else None
+    student = Student(head, ProjectionHead(params.reduced_dim, params.projection_dim), probe, grid, window).to(device)
+    head_t, proj_t = make_teacher(student.head), make_teacher(student.projection)
+    model = dist.wrap(student)
+    student.train(), head_t.train(), proj_t.train()  # teacher dropout is on during training (§7.11)
+    optimizer = torch.optim.Adam(student.parameters(), lr=params.lr * params.ref_world_size, weight_decay=params.weight_decay)
+    bank = ConceptBank(params.concepts, params.bank_size, params.projection_dim, params.bank_keep, device)
+    unit = F.normalize(codebook, dim=1)
+    concept_cos = unit @ unit.T
+    order_gen = torch.Generator().manual_seed(seed * 1000 + 21)
+    bank_gen = torch.Generator().manual_seed(seed * 1000 + 22)
+    schedule = make_schedule(params, len(source), params.head_epochs, seed * 1000 + 200)
+
+    def step(_: int, batch: Tensor) -> dict[str, float]:
+        shard = dist.shard(len(batch))
+        order = draw_grid_order(len(batch), grid, order_gen, window)[shard].to(device)
+        tokens = to_tokens(source.features(batch[shard]).to(device))
+        labels = source.labels(batch[shard]) if probe is not None else None
+        with torch.no_grad():
+            x = sample_grid(tokens, order, grid, window)
+            if variant == "tr":
+                y_t = head_t(tokens)
+                y_lin, z_t = y_t, proj_t(sample_grid(y_t, order, grid, window))
+            else:
+                y_lin = head_t(tokens) if labels is not None else None
+                z_t = proj_t(head_t(x))
+            concepts = concept_index(x, codebook)
+            # every rank's anchors see the candidates of the whole global batch
+            z_all = dist.all_gather_cat(z_t.flatten(0, 1))
+            concepts_all = dist.all_gather_cat(concepts.flatten())
+        z_s, logits = model(tokens, order, y_lin)
+        anchors = concepts.numel()
+        self_index = torch.arange(anchors, device=device).view_as(concepts) + dist.rank * anchors
+        terms, valid = front_door_terms(
+            z_s, z_all, concepts, concepts_all, concept_cos, self_index, bank.view(),
+            params.temperature, params.pos_threshold, params.neg_threshold,
+        )
+        loss_front = front_door_loss(terms, valid)
+        loss_probe = probe_loss(logits, labels.to(device)) if logits is not None else torch.zeros((), device=device)
+        loss = loss_front + loss_probe
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _clip(student.parameters(), params.grad_clip)
+        optimizer.step()
+        ema_update(head_t, student.head, params.ema_decay)
+        ema_update(proj_t, student.projection, params.ema_decay)
+        bank.update(concepts_all, z_all, bank_gen)
+        return {"loss": loss.item(), "front": loss_front.item(), "probe": loss_probe.item(), "images": len(batch)}
+
+    stage = Stage(
+        "cause-step2-front-door", schedule.total, schedule.steps_per_epoch, schedule.batches(len(source)), step,
+        {"student": student, "head_teacher": head_t, "projection_teacher": proj_t, "optimizer": optimizer,
+         "bank": bank, "order": GeneratorState(order_gen), "bank_subset": GeneratorState(bank_gen)},
+        params.checkpoint_every,
+    )
+    return stage, FrontDoor(student, head_t, proj_t, bank)
+
+
+# ----------------------------------------------------------------------------- Step 3
+
+
+class ClusterModel(nn.Module):
+    """Step 3: centroids Φ by the modularity loss on the teacher's sampled outputs, and the probe.
+
+    The teacher head is frozen (spec decision, §7.2) unless ``reference``: then the probe's loss
+    back-propagates into it, as in the reference.
+    """
+
+    def __init__(self, head: nn.Module, clusters: int, probe: nn.Module | None, params: Params,
+                 grid, generator: torch.Generator, reference: bool):
+        super().__init__()
+        self.head = head
+        r = params.reduced_dim
+        self.centroids = nn.Parameter(torch.empty(clusters, r).uniform_(-1 / clusters, 1 / clusters, generator=generator))
+        self.linear = probe
+        self.reference = reference
+        self.temperature = params.modularity_temperature
+        self.grid, self.window = grid, params.grid_window
+        head.requires_grad_(reference)
+
+    def forward(self, tokens: Tensor, order: Tensor) -> tuple[Tensor, Tensor | None]:
+        with torch.set_grad_enabled(self.reference and torch.is_grad_enabled()):
+            y = self.head(tokens)
+        loss = modularity_loss(sample_grid(y, order, self.grid, self.window), self.centroids, self.temperature)
+        logits = None
+        if self.linear is not None:
+            logits = to_map(self.linear(y if self.reference else y.detach()), self.grid)
+        return loss, logits
+
+
+def cluster_stage(
+    source, head_teacher: nn.Module, probe: nn.Module | None, clusters: int, params: Params, dist: Dist, seed: int, device
+) -> tuple[Stage, ClusterModel]:
+    window, grid = params.grid_window, source.grid
+    cluster = ClusterModel(head_teacher, clusters, probe, params, grid,
+                           torch.Generator().manual_seed(seed * 1000 + 31), params.reference_step3).to(device)
+    cluster.train()
+    model = dist.wrap(cluster)
+    lr = params.lr * params.ref_world_size
+    opt_centroids = torch.optim.Adam([cluster.centroids], lr=lr)
+    segment_params = [p for m in (cluster.linear, cluster.head if params.reference_step3 else None) if m is not None
+                      for p in m.parameters()]
+    opt_segment = torch.optim.Adam(segment_params, lr=lr, weight_decay=params.weight_decay) if segment_params else None
+    optimizers = [o for o in (opt_centroids, opt_segment) if o is not None]
+    order_gen = torch.Generator().manual_seed(seed * 1000 + 32)
+    schedule = make_schedule(params, len(source), params.cluster_epochs, seed * 1000 + 300)
+
+    def step(i: int, batch: Tensor) -> dict[str, float]:
+        # StepLR(step = cluster_lr_step_epochs epochs), applied from the step number so resume is exact
+        factor = params.cluster_lr_gamma ** ((i // schedule.steps_per_epoch) // params.cluster_lr_step_epochs)
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * factor
+        shard = dist.shard(len(batch))
+        order = draw_grid_order(len(batch), grid, order_gen, window)[shard].to(device)
+        tokens = to_tokens(source.features(batch[shard]).to(device))
+        loss_clu, logits = model(tokens, order)
+        loss_probe = torch.zeros((), device=device)
+        if logits is not None:
+            loss_probe = probe_loss(logits, source.labels(batch[shard]).to(device))
+        loss = loss_clu + loss_probe
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _clip(segment_params, params.cluster_grad_clip)
+        for optimizer in optimizers:
+            optimizer.step()
+        return {"loss": loss.item(), "modularity": loss_clu.item(), "probe": loss_probe.item(), "images": len(batch)}
+
+    state = {"cluster": cluster, "centroids_optimizer": opt_centroids, "order": GeneratorState(order_gen)}
+    if opt_segment is not None:
+        state["segment_optimizer"] = opt_segment
+    stage = Stage("cause-step3-cluster", schedule.total, schedule.steps_per_epoch, schedule.batches(len(source)), step,
+                  state, params.checkpoint_every)
+    return stage, cluster
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def run_cause(
+    variant: str,
+    mediator_source,
+    train_source,
+    clusters: int,
+    num_classes: int | None,
+    params: Params,
+    dist: Dist,
+    seed: int,
+    device,
+    checkpoint_dir,
+    log: Callable[[str], None],
+) -> dict[str, Tensor]:
+    """Steps 1-3 on the given sources; returns the run state (see ``predictor``)."""
+    stage, mediator = mediator_stage(mediator_source, params, dist, seed, device)
+    run_stage(stage, checkpoint_dir, dist, log)
+    codebook = mediator.codebook.detach().clone()
+    log(f"CAUSE step 1 done: clusterbook {tuple(codebook.shape)}")
+
+    stage, front = front_door_stage(train_source, codebook, variant, num_classes, params, dist, seed, device)
+    run_stage(stage, checkpoint_dir, dist, log)
+    log(f"CAUSE step 2 done: bank holds {int(front.bank.length.sum())} entries")
+
+    stage, cluster = cluster_stage(train_source, front.head_teacher, front.student.linear, clusters, params, dist, seed, device)
+    run_stage(stage, checkpoint_dir, dist, log)
+
+    state = {f"head_ema.{k}": v.detach().cpu() for k, v in front.head_teacher.state_dict().items()}
+    state["codebook"] = codebook.cpu()
+    state["cluster_probe"] = cluster.centroids.detach().cpu()
+    if cluster.linear is not None:
+        state["linear.weight"] = cluster.linear.weight.detach().cpu()
+        state["linear.bias"] = cluster.linear.bias.detach().cpu()
+    if variant == "tr":
+        state["grid"] = torch.tensor(train_source.grid)
+    return state
+
+
+def fit(ctx) -> dict[str, Tensor]:
+    params: Params = ctx.params
+    config = ctx.config
+    variant = VARIANTS[config.method]
+    torch.manual_seed(config.seed)
+    labelled = params.linear_probe and ctx.num_classes is not None
+    mediator_store = ctx.features(resolution=params.mediator_resolution)
+    train_store = ctx.features(resolution=params.train_resolution)
+    mediator_source = StoreSource(mediator_store, labelled=False)
+    train_source = StoreSource(train_store, labelled)
+    ctx.log(
+        f"CAUSE-{variant.upper()}: {len(train_source)} images, token grid {train_source.grid[0]}x{train_source.grid[1]} "
+        f"(step 1: {mediator_source.grid[0]}x{mediator_source.grid[1]}), K = {params.concepts}, "
+        f"linear probe {'on' if train_source.labelled else 'off'}"
+    )
+    return run_cause(
+        variant, mediator_source, train_source, config.clusters, ctx.num_classes, params, ctx.dist, config.seed,
+        ctx.device, ctx.checkpoint_dir, ctx.log,
+    )

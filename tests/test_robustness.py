@@ -1,0 +1,93 @@
+"""What keeps a user's work safe on bad or unusual inputs (segment and fit)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import unsupseg
+from unsupseg.data import DataWarning
+from unsupseg.errors import DataError
+from tests.conftest import write_images
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("robust")
+    write_images(tmp / "imgs", 3)
+    unsupseg.fit("kmeans", images=tmp / "imgs", out=tmp / "run", clusters=3, backbone="efficientnet_lite0",
+                 overrides=["data.resolution=48", "params.restarts=1"], log=lambda m: None)
+    return tmp / "run"
+
+
+def _odd_images(folder):
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "good.png")
+    Image.fromarray(rgb[:, :, 0]).save(folder / "gray.png")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+    Image.fromarray(np.dstack([rgb, rgb[:, :, :1]])).save(folder / "alpha.png")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray((rgb[:, :, 0].astype(np.uint16) * 257)).save(folder / "sixteen.png")
+    Image.fromarray(rgb[:3, :5]).save(folder / "tiny.png")
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "notes.png").write_text("not an image")
+    full = (folder / "good.png").read_bytes()
+    (folder / "truncated.png").write_bytes(full[: len(full) // 2])
+    (folder / "readme.txt").write_text("ignored: not an image extension")
+
+
+def test_segment_handles_odd_and_bad_files(run_dir, tmp_path):
+    _odd_images(tmp_path / "in")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        written = unsupseg.segment(run_dir, [tmp_path / "in"], tmp_path / "out")
+    names = sorted(p.stem for p in written)
+    assert names == ["alpha", "cmyk", "good", "gray", "palette", "sixteen", "tiny"]
+    messages = " ".join(str(w.message) for w in caught)
+    for bad in ("zero.png", "notes.png", "truncated.png"):
+        assert bad in messages
+    for name in names:
+        mask = Image.open(tmp_path / "out" / f"{name}.png")
+        source = Image.open(tmp_path / "in" / next(p.name for p in (tmp_path / "in").iterdir() if p.stem == name))
+        assert mask.size == source.size      # tiny 5x3 included: padded to the stride, cropped back
+    with pytest.raises(DataError, match="truncated.png|zero.png|notes.png"):
+        unsupseg.segment(run_dir, [tmp_path / "in"], tmp_path / "strict", strict=True)
+
+
+def test_huge_images_are_downscaled_with_a_warning(run_dir, tmp_path):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((300, 400, 3), dtype=np.uint8)).save(tmp_path / "in" / "big.jpg")
+    with pytest.warns(DataWarning, match=r"big.jpg: 400x300 image is above 30000 pixels; downscaled to 200x150"):
+        unsupseg.segment(run_dir, [tmp_path / "in"], tmp_path / "out", max_pixels=30_000)
+    assert Image.open(tmp_path / "out" / "big.png").size == (200, 150)
+
+
+def test_interrupted_segment_leaves_no_half_written_file(run_dir, tmp_path):
+    write_images(tmp_path / "many", 20, size=(160, 120))
+    script = (
+        "import unsupseg, sys; unsupseg.segment(sys.argv[1], [sys.argv[2]], sys.argv[3])"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(run_dir), str(tmp_path / "many"), str(tmp_path / "out")],
+                            env={**os.environ, "UNSUPSEG_PROGRESS": "0"})
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((tmp_path / "out").glob("*.png"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted((tmp_path / "out").glob("*.png"))
+    assert 3 <= len(done) < 20
+    for path in done:
+        Image.open(path).load()          # every mask under its final name is complete
+    # the next call cleans temporary files, keeps finished outputs and completes the rest
+    written = unsupseg.segment(run_dir, [tmp_path / "many"], tmp_path / "out")
+    assert len(written) == 20 - len([p for p in done if (p.parent / f"{p.stem}_overlay.jpg").exists()])
+    assert not list((tmp_path / "out").glob(".*.tmp"))
+    assert len(list((tmp_path / "out").glob("*_overlay.jpg"))) == 20
