@@ -6,7 +6,12 @@ classes, with the STEGO/CAUSE settings (10 iterations, Gaussian sxy=1 compat=3, 
 srgb=3 compat=4). The images are CamVid photos resized to each size (the lattice size, hence the
 cost, depends on image content: random-noise images are much slower for both backends); each
 timing includes the per-image lattice construction, after one warm-up call (which also builds the
-cached Gaussian lattice of the size). ``--batch`` adds the torch backend's batched throughput.
+cached Gaussian lattice of the size). ``--batch B`` adds the throughput of the torch backend
+refining B images jointly (one lattice, one set of products; ``refine_batch(chunk_size=B)``),
+which is what CUDA uses by default; on CPU ``refine_batch`` goes one image at a time by default.
+The torch CPU figures use torch's intra-op threads (``--threads``); on a shared machine export
+``OMP_WAIT_POLICY=PASSIVE`` (or use one thread), or OpenMP threads spin while waiting for a
+descheduled peer and the timings become meaningless.
 
 Agreement: over the CamVid val split (or ``--limit N`` images), the fraction of pixels whose argmax
 label is the same for both backends, and the accuracy against the ground truth (void ignored) of
@@ -81,10 +86,14 @@ def _time(fn, repeats: int) -> float:
 def bench_speed(args, root: Path | None) -> None:
     have_ref = _have_reference() and "pydensecrf" in args.backends
     cuda = torch.cuda.is_available() and not args.no_cuda
-    print(f"\n## Speed (images/s; best of {args.repeats}; torch threads = {torch.get_num_threads()})")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"\n## Speed (images/s; best of {args.repeats}; torch threads = {torch.get_num_threads()}; "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; load average {load:.1f})"
+    )
     cols = ["size", "C", "torch cpu"]
     if args.batch > 1:
-        cols.append(f"torch cpu b{args.batch}")
+        cols.append(f"torch cpu joint b{args.batch}")
     if have_ref:
         cols.append("pydensecrf")
     if cuda:
@@ -101,7 +110,7 @@ def bench_speed(args, root: Path | None) -> None:
             row.append(f"{1 / t:.2f}")
             if args.batch > 1:
                 bi, bl = np.stack(imgs[: args.batch]), np.stack(lps[: args.batch])
-                t = _time(lambda: refine_batch(bi, bl), args.repeats)
+                t = _time(lambda: refine_batch(bi, bl, chunk_size=args.batch), args.repeats)
                 row.append(f"{args.batch / t:.2f}")
             if have_ref:
                 t = _time(lambda: refine(imgs[0], lps[0], backend="pydensecrf"), args.repeats)
@@ -155,6 +164,7 @@ def bench_agreement(args, root: Path) -> None:
     print("|---|---|")
     if have_ref:
         print(f"| argmax agreement torch vs pydensecrf (all pixels) | {agree / total:.6f} |")
+        print(f"| pixels with a different argmax | {total - agree} of {total} |")
         print(f"| worst image agreement | {worst:.6f} |")
         print(f"| max abs marginal difference | {max_diff:.2e} |")
     for k, (hit, cnt) in acc.items():
@@ -164,12 +174,21 @@ def bench_agreement(args, root: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--camvid", type=Path, default=Path(os.environ.get("UNSUPSEG_CAMVID", DEFAULT_CAMVID)))
-    parser.add_argument("--sizes", type=lambda s: [_parse_size(x) for x in s.split(",")], default=[(320, 320), (480, 360)], help="WxH list, e.g. 320x320,480x360")
-    parser.add_argument("--classes", type=lambda s: [int(x) for x in s.split(",")], default=[11, 27])
+    parser.add_argument(
+        "--camvid", type=Path, default=Path(os.environ.get("UNSUPSEG_CAMVID", DEFAULT_CAMVID))
+    )
+    parser.add_argument(
+        "--sizes",
+        type=lambda s: [_parse_size(x) for x in s.split(",")],
+        default=[(320, 320), (480, 360)],
+        help="WxH list, e.g. 320x320,480x360",
+    )
+    parser.add_argument(
+        "--classes", type=lambda s: [int(x) for x in s.split(",")], default=[11, 27]
+    )
     parser.add_argument("--backends", type=lambda s: s.split(","), default=["torch", "pydensecrf"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=4, help="CPU batch for refine_batch (1: skip)")
+    parser.add_argument("--batch", type=int, default=4, help="joint CPU batch to time (1: skip)")
     parser.add_argument("--cuda-batch", type=int, default=8)
     parser.add_argument("--no-cuda", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")

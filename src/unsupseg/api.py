@@ -397,6 +397,36 @@ def evaluate(
     return report
 
 
+def evaluate_overcluster(
+    run: str | os.PathLike | Segmenter,
+    *,
+    dataset: str,
+    root: str | os.PathLike,
+    split: str = "val",
+    ks: Sequence[int] = (100, 300, 500),
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    json_path: str | os.PathLike | None = None,
+) -> dict:
+    """Over-clustering protocol (Leopart, benchmarks.md 6.4) on the run's backbone features of a split:
+    standardise, PCA 50, k-means with each K, many-to-one matching; mean and std over seeds."""
+    from .evaluation.overcluster import overcluster_scores
+
+    seg = run if isinstance(run, Segmenter) else load(run)
+    data = build_dataset(dataset, str(root), split)
+    if data.num_classes is None:
+        raise ConfigError(f"dataset {dataset!r} split {split!r} has no labels to evaluate against")
+    prep = data.eval_preprocess(seg.resolution, multiple=seg.backbone.stride)
+    store = extract_features(seg.backbone, data, prep, cache_dir=seg.config.cache_dir,
+                             batch_size=seg.config.batch_size, strict=True, description=f"{split} features")
+    labels = [store.label(i) for i in range(len(store))]
+    results = {int(k): overcluster_scores(store, labels, data.num_classes, int(k), seeds=seeds) for k in ks}
+    report = {"dataset": dataset, "split": split, "n_images": len(store), "backbone": seg.backbone.name,
+              "matching": "many-to-one", "results": results}
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(report, indent=2, default=float))
+    return report
+
+
 # ----------------------------------------------------------------------------- segment
 
 

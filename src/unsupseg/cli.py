@@ -101,12 +101,105 @@ def evaluate(
     crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="Dense CRF refinement (default: the run's)."),
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Flip averaging (default: the run's)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the scores as JSON here."),
+    overcluster: list[int] = typer.Option([], help="Over-clustering protocol instead: k-means with K clusters "
+                                           "on the split's backbone features, many-to-one matching (repeatable)."),
+    seeds: int = typer.Option(5, help="Over-clustering: number of k-means seeds averaged."),
 ) -> None:
-    """Score a run on a labelled split (Hungarian matching)."""
+    """Score a run on a labelled split (Hungarian matching), or over-cluster its features."""
+    if overcluster:
+        from .api import evaluate_overcluster
+
+        report = evaluate_overcluster(run_dir, dataset=dataset, root=root, split=split, ks=overcluster,
+                                      seeds=tuple(range(seeds)), json_path=json_path)
+        table = Table(title=f"over-clustering of {run_dir} features on {dataset}/{split}")
+        for col in ("K", "mIoU % (mean ± std)", "pixel acc. % (mean ± std)", "seeds"):
+            table.add_column(col)
+        for k, r in report["results"].items():
+            table.add_row(str(k), f"{r['miou']:.1f} ± {r['miou_std']:.1f}",
+                          f"{r['pixel_accuracy']:.1f} ± {r['pixel_accuracy_std']:.1f}", str(len(r["per_seed"])))
+        out.print(table)
+        return
     from .api import evaluate as api_evaluate
 
     report = api_evaluate(run_dir, dataset=dataset, root=root, split=split, crf=crf, flip=flip, json_path=json_path)
     print_scores(report, f"{run_dir} on {dataset}/{split}")
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    out_file: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write."),
+    images: Optional[Path] = typer.Option(None, help="Images to show (default: the run's training data)."),
+    dataset: Optional[str] = typer.Option(None, help="Labelled dataset: adds metrics, IoU chart, confusion matrix."),
+    root: Optional[Path] = typer.Option(None, help="Folder holding the dataset."),
+    split: str = typer.Option("val", help="Split of the labelled dataset."),
+    max_images: int = typer.Option(24, help="Images shown as overlays."),
+    crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="Dense CRF refinement (default: the run's)."),
+) -> None:
+    """Write a self-contained HTML report: overlays, cluster gallery, metrics where labels exist."""
+    from .reporting import build_report
+
+    path = build_report(run_dir, out_file, images=images, dataset=dataset, root=root, split=split,
+                        max_images=max_images, crf=crf, log=out.print)
+    out.print(f"report written to {path}")
+
+
+@app.command("finetune-leopart")
+def finetune_leopart(
+    backbone: str = typer.Option(..., help="ViT backbone to fine-tune (e.g. dino_vits16)."),
+    images: Path = typer.Option(..., help="Folder of unlabelled training images."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the fine-tuned weights and checkpoints."),
+    weights: str = typer.Option("auto", help="Starting weights: auto, random or a file."),
+    epochs: int = typer.Option(50, help="Epochs over the images."),
+    batch_size: int = typer.Option(32, help="Images per step (over all processes)."),
+    steps: Optional[int] = typer.Option(None, help="Exact number of steps instead of epochs."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    set_: list[str] = typer.Option([], "--set", help="Override a fine-tuning parameter: --set num_prototypes=100"),
+    overwrite: bool = typer.Option(False, help="Start again instead of resuming."),
+) -> None:
+    """Leopart dense self-supervised fine-tuning of a ViT; the result is a backbone weights file."""
+    from .config import apply_overrides
+    from .methods.leopart_finetune import finetune
+
+    params = apply_overrides({}, set_)
+    path = finetune(backbone, images, out_dir, weights=weights, epochs=epochs, batch_size=batch_size, steps=steps,
+                    device=device, overwrite=overwrite, log=out.print, **params)
+    out.print(f"fine-tuned backbone: {path}  (use it with --backbone {backbone} --backbone-weights {path})")
+
+
+@app.command("import-checkpoint")
+def import_checkpoint(
+    method: str = typer.Argument(..., help="cause or stego."),
+    out_dir: Path = typer.Option(..., "--out", help="Run directory to create."),
+    variant: Optional[str] = typer.Option(None, help="CAUSE: mlp or tr."),
+    segment_file: Optional[Path] = typer.Option(None, "--segment", help="CAUSE: segment_{mlp|tr}.pth."),
+    cluster_file: Optional[Path] = typer.Option(None, "--cluster", help="CAUSE: cluster_{mlp|tr}.pth."),
+    modular: Optional[Path] = typer.Option(None, help="CAUSE: modular.npy (optional; the codebook is in --cluster)."),
+    backbone: Optional[str] = typer.Option(None, help="CAUSE: backbone name (e.g. dino_vitb8)."),
+    backbone_weights: Optional[str] = typer.Option(None, help="Backbone weights file (CAUSE; STEGO carries its own)."),
+    ckpt: Optional[Path] = typer.Option(None, help="STEGO: the published Lightning .ckpt file."),
+) -> None:
+    """Turn published CAUSE or STEGO model files into a run directory for segment/evaluate."""
+    from .errors import ConfigError
+
+    if method == "cause":
+        missing = [n for n, v in (("--variant", variant), ("--segment", segment_file), ("--cluster", cluster_file),
+                                  ("--backbone", backbone)) if v is None]
+        if missing:
+            raise ConfigError(f"import-checkpoint cause needs {', '.join(missing)}")
+        from .importers.cause import import_cause
+
+        path = import_cause(variant, segment_file, cluster_file, backbone, out_dir, backbone_weights=backbone_weights,
+                            modular=modular)
+    elif method == "stego":
+        if ckpt is None:
+            raise ConfigError("import-checkpoint stego needs --ckpt FILE")
+        from .importers.stego import import_stego
+
+        path = import_stego(ckpt, out_dir, backbone_weights=backbone_weights)
+    else:
+        raise ConfigError(f"import-checkpoint takes 'cause' or 'stego', got {method!r}")
+    out.print(f"run directory written to {path}")
 
 
 @app.command()

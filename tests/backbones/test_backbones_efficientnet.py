@@ -51,9 +51,8 @@ def test_dense_output_is_normalised_stages_resized_to_stride_8(real, images):
     with torch.no_grad():
         maps = real.model(x * 2 - 1)
     assert [m.shape[1] for m in maps] == [40, 112, 320]
-    expected = torch.cat(
-        [F.interpolate(F.normalize(m, dim=1), size=(5, 7), mode="bilinear", align_corners=False) for m in maps], dim=1
-    )
+    resized = [F.interpolate(F.normalize(m, dim=1), size=(5, 7), mode="bilinear", align_corners=False) for m in maps]
+    expected = torch.cat(resized, dim=1)
     torch.testing.assert_close(out, expected)
     assert real(images(8, 8)).shape == (1, 472, 1, 1)
 

@@ -127,15 +127,19 @@ def test_timm_state_dict_as_safetensors(tmp_path, random_timm, reference_feature
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_dinov3_original_layout(tmp_path, random_timm, reference_features, images, qkv_bias):
     reference = random_timm("vit_small_patch16_dinov3" + ("_qkvb" if qkv_bias else ""))
+    timm_state = reference.state_dict()
+    renames = {"reg_token": "storage_tokens", "gamma_1": "ls1.gamma", "gamma_2": "ls2.gamma"}
     state = {}
-    for key, value in reference.state_dict().items():
-        key = key.replace("reg_token", "storage_tokens").replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
+    for key, value in timm_state.items():
         if key.endswith(("attn.q_bias", "attn.v_bias")):
             continue
+        for timm_name, original_name in renames.items():
+            key = key.replace(timm_name, original_name)
         state[key] = value
     for i in range(12):  # the original keeps one qkv bias (k part masked to zero) and its mask
-        q_v = [reference.state_dict()[f"blocks.{i}.attn.{p}_bias"] for p in "qv"] if qkv_bias else [torch.zeros(384)] * 2
-        state[f"blocks.{i}.attn.qkv.bias"] = torch.cat([q_v[0], torch.zeros(384), q_v[1]])
+        zeros = torch.zeros(384)
+        q, v = (timm_state[f"blocks.{i}.attn.{p}_bias"] for p in "qv") if qkv_bias else (zeros, zeros)
+        state[f"blocks.{i}.attn.qkv.bias"] = torch.cat([q, zeros, v])
         state[f"blocks.{i}.attn.qkv.bias_mask"] = torch.cat([torch.ones(384), torch.zeros(384), torch.ones(384)])
     state.update({"mask_token": torch.zeros(1, 384), "rope_embed.periods": torch.ones(16)})
     path = _save(state, tmp_path / "dinov3_vits16_pretrain_lvd1689m-08c60483.pth")
@@ -175,6 +179,12 @@ def test_unexpected_key_is_named(tmp_path, dino_state):
 def test_weights_of_another_architecture_are_refused(tmp_path, dino_state):
     with pytest.raises(WeightsError, match=r"shape mismatch: .*file \(1, 1, 384\), model \(1, 1, 768\)"):
         build_backbone("dino_vitb16", weights=_save(dino_state, tmp_path / "w.pth"))
+
+
+def test_patch_size_of_another_backbone_is_refused_not_resampled(tmp_path):
+    path = _save({"patch_embed.proj.weight": torch.zeros(384, 3, 8, 8)}, tmp_path / "dino_deitsmall8_pretrain.pth")
+    with pytest.raises(WeightsError, match="8-pixel patches, but 'dino_vits16' has 16-pixel patches"):
+        build_backbone("dino_vits16", weights=path)
 
 
 _MARKER = []

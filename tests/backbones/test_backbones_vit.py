@@ -7,7 +7,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from unsupseg.backbones import ViTEncoder, backbone_from_state_dict, build_backbone, build_vit_model
-from unsupseg.backbones.vit import interpolate_pos_dino
+from unsupseg.backbones.vit import interpolate_pos_embed
 from unsupseg.errors import ConfigError, WeightsError
 
 
@@ -42,16 +42,18 @@ def test_dino_position_interpolation_matches_dino_code(size, images, reference_f
 
 def test_position_table_is_untouched_on_the_training_grid():
     table = torch.randn(1, 14 * 14, 8)
-    assert interpolate_pos_dino(table, (14, 14)) is table
-    assert interpolate_pos_dino(table, (14, 15)).shape == (1, 14 * 15, 8)
+    for registers in (False, True):
+        assert interpolate_pos_embed(table, (14, 14), registers) is table
+        assert interpolate_pos_embed(table, (14, 15), registers).shape == (1, 14 * 15, 8)
 
 
 def test_token_path_equals_timm_forward_on_the_training_grid(images):
     backbone = build_backbone("dino_vits16", weights="random")
     x = images(224, 224)
     model = backbone.encoder.model
+    mean, std = torch.tensor(backbone.mean).view(1, 3, 1, 1), torch.tensor(backbone.std).view(1, 3, 1, 1)
     with torch.no_grad():
-        tokens = model.forward_features((x - torch.tensor(backbone.mean).view(1, 3, 1, 1)) / torch.tensor(backbone.std).view(1, 3, 1, 1))
+        tokens = model.forward_features((x - mean) / std)
     expected = tokens[:, 1:].transpose(1, 2).reshape(1, 384, 14, 14)
     torch.testing.assert_close(backbone(x), expected, rtol=1e-5, atol=1e-5)
 

@@ -51,7 +51,9 @@ def test_unreachable_hub_fails_fast(offline_env, monkeypatch):
     assert time.monotonic() - start < 10
 
 
-@pytest.mark.parametrize("filename", ["dino_deitsmall16_pretrain.pth", "dino_vits16.pth", "dino_vits16.safetensors"])
+@pytest.mark.parametrize(
+    "filename", ["dino_deitsmall16_pretrain.pth", "dino_vits16.pth", "dino_vits16.safetensors"]
+)
 def test_weights_dir_by_published_or_backbone_name(offline_env, vits16_state, filename, tmp_path):
     path = offline_env / "weights" / filename
     if filename.endswith(".safetensors"):

@@ -72,7 +72,7 @@ def test_logits_and_log_probs_give_the_same_result():
     )
 
 
-@pytest.mark.parametrize("chunk_size", [None, 2])
+@pytest.mark.parametrize("chunk_size", [None, 2, 3])
 def test_batched_equals_looped(chunk_size):
     cases = [_rand_case(h=19, w=27, c=5, seed=s) for s in range(3)]
     imgs = np.stack([c[0] for c in cases])
@@ -239,3 +239,15 @@ def test_lattice_matches_pydensecrf_for_any_dimension(d):
     expected = np.asarray(ref.inference(5)).T
     ours = crf._refine_features(torch.from_numpy(unary), [(torch.from_numpy(feats), 3.0)], 5)
     np.testing.assert_allclose(ours.numpy(), expected, atol=2e-5)
+
+
+def test_two_threads_match_one():
+    img, lp = _rand_case(h=40, w=48, c=5, seed=7)
+    one = refine(img, lp)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = refine(img, lp)
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_allclose(two, one, atol=1e-5)

@@ -38,7 +38,10 @@ class EfficientNetBackbone(Backbone):
     def extract(self, images: Tensor) -> Tensor:
         grid = (images.shape[2] // self.stride, images.shape[3] // self.stride)
         maps = [F.normalize(m.float(), dim=1) for m in self.model((images - self._mean) / self._std)]
-        maps = [m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps]
+        maps = [
+            m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+            for m in maps
+        ]
         return torch.cat(maps, dim=1)
 
 
@@ -61,7 +64,9 @@ def efficientnet_from_state(spec: BackboneSpec, state: Mapping[str, Tensor], sou
     state = _to_timm_names(dict(state), full, source)
     unexpected = [k for k in state if k not in full]
     if unexpected:
-        raise WeightsError(f"{source} does not fit backbone {spec.name!r}: unexpected keys {', '.join(unexpected[:5])}")
+        raise WeightsError(
+            f"{source} does not fit backbone {spec.name!r}: unexpected keys {', '.join(unexpected[:5])}"
+        )
     model.to_empty(device="cpu")
     features_keys = model.state_dict().keys()
     # The classifier head (conv_head, bn2, classifier) of a full model is not part of the backbone.

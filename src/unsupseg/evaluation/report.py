@@ -116,7 +116,7 @@ class ClusterGallery:
 # ----------------------------------------------------------------------------- encoding
 
 
-def image_uri(array: np.ndarray, fmt: str = "JPEG") -> str:
+def _image_uri(array: np.ndarray, fmt: str = "JPEG") -> str:
     """A data URI of an H x W x 3 uint8 array (JPEG for photos, PNG for exact colours)."""
     buf = io.BytesIO()
     image = Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8))
@@ -190,7 +190,7 @@ def _confusion_chart(metrics: dict) -> str:
     totals = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
     cols = [f"{k}→{names[mapping[k]]}" if mapping[k] >= 0 else f"{k} (unmatched)" for k in order]
-    fig = Figure(figsize=(0.45 * len(cols) + 2.5, 0.4 * len(names) + 2.0), layout="constrained")
+    fig = Figure(figsize=(max(0.45 * len(cols) + 3.0, 7.0), 0.4 * len(names) + 2.0), layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
@@ -218,7 +218,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 .legend{display:flex;flex-wrap:wrap;gap:6px 18px;font-size:.9em}
 .card{display:inline-block;vertical-align:top;margin:0 18px 18px 0;background:#fff;border:1px solid #ddd;padding:8px}
 .card figure{display:inline-block;margin:0 6px 0 0;text-align:center;font-size:.8em;color:#555}
-.card img{width:360px;max-width:100%;display:block}
+.card img{width:280px;max-width:100%;display:block}
 .name{font-size:.85em;font-weight:600;margin-bottom:4px;word-break:break-all}
 .row{display:flex;align-items:center;gap:6px;margin:6px 0;flex-wrap:wrap}
 .row .head{width:190px;font-size:.85em}.row img{width:72px;height:72px;border:3px solid;image-rendering:auto}
@@ -287,7 +287,7 @@ def render_report(data: ReportData) -> str:
     for c in range(k):
         parts.append(
             f'<span class="legend-item"><span class="swatch" style="background:{_rgb(colours[c])}"></span>'
-            f"{_esc(_cluster_label(c, metrics))} <span class=\"note\">({100 * data.pixel_share[c]:.1f} % of pixels)</span></span>"
+            f"{_esc(_cluster_label(c, metrics))} <span class=\"note\">({100 * data.pixel_share[c]:.1f} % of the pixels shown)</span></span>"
         )
     parts.append("</div>")
 
@@ -300,7 +300,7 @@ def render_report(data: ReportData) -> str:
         if item.truth is not None and class_colours is not None:
             panels.append(("ground truth", _truth_overlay(item.image, item.truth, class_colours)))
         figures = "".join(
-            f"<figure>{_img(image_uri(arr), f'{item.name} {what}', cls=what.replace(' ', '-'))}<figcaption>{what}</figcaption></figure>"
+            f"<figure>{_img(_image_uri(arr), f'{item.name} {what}', cls=what.replace(' ', '-'))}<figcaption>{what}</figcaption></figure>"
             for what, arr in panels
         )
         parts.append(f'<div class="card overlay-card"><div class="name">{_esc(item.name)}</div>{figures}</div>')
@@ -309,13 +309,13 @@ def render_report(data: ReportData) -> str:
                  "centred on the pixels of highest probability for it, best first.</p>")
     for c in range(k):
         patches = "".join(
-            _img(image_uri(p), f"cluster {c} patch {i}", style=f"border-color:{_rgb(colours[c])}")
+            _img(_image_uri(p), f"cluster {c} patch {i}", style=f"border-color:{_rgb(colours[c])}")
             for i, p in enumerate(data.gallery[c])
         ) or '<span class="note">no patch</span>'
         parts.append(
             f'<div class="row gallery-row" data-cluster="{c}"><div class="head"><span class="swatch" '
             f'style="background:{_rgb(colours[c])}"></span>{_esc(_cluster_label(c, metrics))}<br>'
-            f'<span class="note">{100 * data.pixel_share[c]:.1f} % of pixels</span></div>{patches}</div>'
+            f'<span class="note">{100 * data.pixel_share[c]:.1f} % of the pixels shown</span></div>{patches}</div>'
         )
 
     if metrics is not None:

@@ -75,6 +75,10 @@ def extract_features(
         "fingerprint": dataset.fingerprint(),
     }
 
+    options = getattr(backbone, "options", None)
+    if options:
+        fields["options"] = options   # e.g. num_heads changes the features but not the weights id
+
     def items():
         source = iter_preprocessed(dataset, preprocess, strict=strict)
         yield from track(batched_forward(backbone, source, batch_size, flip=flip), len(dataset), description)

@@ -84,8 +84,8 @@ def check_params(p: FinetuneParams, patch: int) -> None:
         raise ConfigError(f"loss_mask must be one of {', '.join(LOSS_MASKS)}, got {p.loss_mask!r}")
     for name in ("global_size", "local_size"):
         size = getattr(p, name)
-        if size < 4 * patch or size % patch:
-            raise ConfigError(f"{name}={size} must be a multiple of the patch size {patch}, at least {4 * patch}")
+        if size < patch or size % patch:
+            raise ConfigError(f"{name}={size} must be a positive multiple of the patch size {patch}")
     if p.num_global < 1 or p.num_local < 0 or p.num_global + p.num_local < 2:
         raise ConfigError(f"need num_global >= 1 and at least two crops, got {p.num_global} + {p.num_local}")
     for name in ("global_scale", "local_scale", "ratio"):
@@ -553,6 +553,7 @@ def finetune(
     spec = get_spec(backbone)
     if spec.family == "efficientnet":
         raise ConfigError(f"Leopart fine-tunes ViT backbones; {backbone!r} is a CNN")
+    check_params(p, spec.stride)
     if epochs < 1 or batch_size < 1 or (steps is not None and steps < 1):
         raise ConfigError(f"epochs, batch_size and steps must be >= 1, got {epochs}, {batch_size}, {steps}")
     dist = init_distributed(device)

@@ -29,9 +29,17 @@ class ConceptBank:
         """K x capacity: which slots hold an entry (a queue fills from slot 0 before it wraps)."""
         return torch.arange(self.capacity, device=self.length.device) < self.length.unsqueeze(1)
 
-    def view(self) -> tuple[Tensor, Tensor] | None:
-        """(values, filled) for the loss, or None while the bank is empty."""
-        return None if self.empty else (self.values, self.filled())
+    def entries(self) -> tuple[Tensor, Tensor] | None:
+        """(stored entries E x P, the concept of each) for the loss, or None while the bank is empty.
+
+        Only filled slots are gathered: early on, and whenever few concepts are in use, that is a
+        small part of the K x capacity buffer.
+        """
+        if self.empty:
+            return None
+        filled = self.filled()
+        concepts = torch.arange(len(self.values), device=filled.device).unsqueeze(1).expand_as(filled)
+        return self.values[filled], concepts[filled]
 
     @torch.no_grad()
     def update(self, concepts: Tensor, projections: Tensor, generator: torch.Generator) -> None:

@@ -136,20 +136,16 @@ def modularity_loss(x: Tensor, centroids: Tensor, temperature: float = 0.1, chun
 
 
 def _pair_terms(scores: Tensor, pos: Tensor, neg: Tensor) -> tuple[Tensor, Tensor]:
-    """Per anchor row: Σ_j∈Pos ℓ_ij and |Pos|, with ℓ_ij = -s_ij + log Σ_{Pos ∪ Neg} exp(s).
+    """Per anchor row of A x M scores: Σ_j∈Pos ℓ_ij and |Pos|, ℓ_ij = -s_ij + log Σ_{Pos ∪ Neg} exp(s).
 
     The row maximum (detached) is subtracted before exp for stability; it cancels exactly.
-    Rows may be any shape ``A x ...``; the candidate axes are the trailing ones after the first.
     """
-    dims = tuple(range(1, scores.ndim))
-    shift = scores.detach().amax(dim=dims, keepdim=True)
-    shifted = scores - shift
-    denom = (shifted.exp() * (pos | neg)).sum(dims)
-    count = pos.sum(dims)
+    shifted = scores - scores.detach().amax(1, keepdim=True)
+    denom = (shifted.exp() * (pos | neg)).sum(1)
+    count = pos.sum(1)
     # log(0) happens only on rows without candidates, which have no positive either
     log_denom = torch.where(count > 0, denom.clamp_min(torch.finfo(scores.dtype).tiny).log(), torch.zeros_like(denom))
-    pos_sum = (shifted * pos).sum(dims)
-    return count * log_denom - pos_sum, count
+    return count * log_denom - (shifted * pos).sum(1), count
 
 
 def _per_image(row_sums: Tensor, counts: Tensor, images: int) -> tuple[Tensor, Tensor]:
@@ -177,29 +173,25 @@ def front_door_terms(
     sampled tokens of the global batch, teacher projections, constants); anchor_concepts B x n and
     candidate_concepts M: concept ids a(x); concept_cos: K x K cosine between codebook rows;
     self_index: B x n position of each anchor among the candidates (never its own positive).
-    bank: (values K x capacity x P unit vectors, valid K x capacity bool) or None when empty.
+    bank: (entries E x P unit vectors, their concept ids E), or None while the bank is empty.
     Returns (terms, non-empty mask), both of length B (no bank) or 2B; a term without positive
     pairs is 0 and masked out (§7.9).
     """
     images, n, _ = z_student.shape
-    anchors = F.normalize(z_student, dim=-1).reshape(images * n, -1)
-    a_concepts = anchor_concepts.reshape(-1)
-    scores = anchors @ F.normalize(z_teacher, dim=-1).T / temperature
-    c = concept_cos[a_concepts][:, candidate_concepts]
-    pos = c > pos_threshold
+    # 1/τ folded into the anchors: one pass less over the A x M score matrices
+    anchors = F.normalize(z_student, dim=-1).reshape(images * n, -1) / temperature
+    a = anchor_concepts.reshape(-1)
+    pos_table, neg_table = concept_cos > pos_threshold, concept_cos < neg_threshold
+    scores = anchors @ F.normalize(z_teacher, dim=-1).T
+    pos = pos_table[a][:, candidate_concepts]
     pos[torch.arange(len(anchors), device=pos.device), self_index.reshape(-1)] = False
-    row_sums, counts = _pair_terms(scores, pos, c < neg_threshold)
+    row_sums, counts = _pair_terms(scores, pos, neg_table[a][:, candidate_concepts])
     terms, valid = _per_image(row_sums, counts, images)
     if bank is None:
         return terms, valid
-    values, filled = bank
-    k, capacity, _ = values.shape
-    bank_scores = (anchors @ values.reshape(k * capacity, -1).T / temperature).view(-1, k, capacity)
-    c_bank = concept_cos[a_concepts]  # anchors x K: a slot's concept is its queue
-    pos_b = (c_bank > pos_threshold).unsqueeze(-1) & filled
-    neg_b = (c_bank < neg_threshold).unsqueeze(-1) & filled
-    bank_sums, bank_counts = _pair_terms(bank_scores, pos_b, neg_b)
-    bank_terms, bank_valid = _per_image(bank_sums, bank_counts, images)
+    entries, entry_concepts = bank
+    row_sums, counts = _pair_terms(anchors @ entries.T, pos_table[a][:, entry_concepts], neg_table[a][:, entry_concepts])
+    bank_terms, bank_valid = _per_image(row_sums, counts, images)
     return torch.stack([terms, bank_terms], 1).flatten(), torch.stack([valid, bank_valid], 1).flatten()
 
 

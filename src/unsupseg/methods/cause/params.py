@@ -25,6 +25,7 @@ class Params:
     # TR head
     tr_ffn_dim: int = 2048
     tr_heads: int = 1
+    tr_window: int | None = None       # TR: train on a random window of this many tokens per side (None: the whole grid)
     # schedule (§2, §3.3, §4)
     batch_size: int = 16               # images per step (the global batch under torchrun)
     ref_world_size: int = 4            # §7.1: lr = lr * ref_world_size; epoch = N / (batch * ref_world_size) steps

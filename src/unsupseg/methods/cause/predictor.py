@@ -28,7 +28,8 @@ def is_tr(state: dict[str, Tensor]) -> bool:
 
 
 def head_from_state(state: dict[str, Tensor], params: Params, source: str = "the run state") -> nn.Module:
-    """The teacher head rebuilt from ``state`` (dims read off the tensors), in eval mode."""
+    """The teacher head rebuilt from ``state`` (dims read off the tensors), in eval mode; a missing,
+    unexpected or wrongly shaped key is a CheckpointError naming it."""
     weights = head_state(state)
     try:
         if is_tr(state):
@@ -38,11 +39,20 @@ def head_from_state(state: dict[str, Tensor], params: Params, source: str = "the
         else:
             f1 = weights["f1.weight"]
             head = MLPHead(f1.shape[1], f1.shape[0], params.dropout)
-        head.load_state_dict(weights)
     except KeyError as err:
-        raise CheckpointError(f"{source} has no {err.args[0]!r} (a CAUSE head needs it)") from None
-    except RuntimeError as err:
-        raise CheckpointError(f"{source} does not hold a valid CAUSE head: {err}") from None
+        name = err.args[0] if err.args[0] == "codebook" else HEAD + err.args[0]
+        raise CheckpointError(f"{source} has no {name!r} (a CAUSE head needs it)") from None
+    expected = head.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        names = [f"missing {HEAD}{k}" for k in missing] + [f"unexpected {HEAD}{k}" for k in unexpected]
+        raise CheckpointError(f"{source} does not hold a CAUSE {'TR' if is_tr(state) else 'MLP'} head: {', '.join(names)}")
+    for key, value in expected.items():
+        if weights[key].shape != value.shape:
+            raise CheckpointError(
+                f"{source}: {HEAD}{key} has shape {tuple(weights[key].shape)}, expected {tuple(value.shape)}")
+    head.load_state_dict(weights)
     return head.eval()
 
 

@@ -11,6 +11,8 @@ rank 0's checkpoint resumes all of them.
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,11 +56,36 @@ class StoreSource:
     def __len__(self) -> int:
         return len(self.store)
 
-    def features(self, index: Tensor) -> Tensor:
-        return self.store.batch(index.tolist())
+    def load(self, batch: Tensor, shard: slice) -> tuple[Tensor, Tensor | None]:
+        """Features (and labels, or None) of this rank's share ``batch[shard]`` of a global batch."""
+        index = batch[shard].tolist()
+        return self.store.batch(index), self.store.labels(index) if self.labelled else None
 
-    def labels(self, index: Tensor) -> Tensor | None:
-        return self.store.labels(index.tolist()) if self.labelled else None
+
+class WindowSource:
+    """One random window of ``window`` x ``window`` tokens per image (and the matching label crop):
+    the TR head's query table covers a window; the segmenter tiles windows at test time."""
+
+    def __init__(self, source, window: int, generator: torch.Generator):
+        self.source = source
+        self.dim, self.labelled = source.dim, source.labelled
+        self.grid = (min(window, source.grid[0]), min(window, source.grid[1]))
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def load(self, batch: Tensor, shard: slice) -> tuple[Tensor, Tensor | None]:
+        features, labels = self.source.load(batch, shard)
+        (h, w), (wh, ww) = self.source.grid, self.grid
+        # offsets are drawn for the whole global batch, so every rank's generator stays in step
+        top = torch.randint(h - wh + 1, (len(batch),), generator=self.generator)[shard].tolist()
+        left = torch.randint(w - ww + 1, (len(batch),), generator=self.generator)[shard].tolist()
+        features = torch.stack([f[:, y : y + wh, x : x + ww] for f, y, x in zip(features, top, left)])
+        if labels is not None:
+            sy, sx = labels.shape[-2] // h, labels.shape[-1] // w
+            labels = torch.stack([l[y * sy : (y + wh) * sy, x * sx : (x + ww) * sx] for l, y, x in zip(labels, top, left)])
+        return features, labels
 
 
 def to_tokens(features: Tensor) -> Tensor:
@@ -102,7 +129,24 @@ def make_schedule(params: Params, n_items: int, epochs: int, seed: int) -> Sched
 
 def _clip(parameters, limit: float | None) -> None:
     if limit is not None:
-        torch.nn.utils.clip_grad_norm_(parameters, limit)
+        torch.nn.utils.clip_grad_norm_(list(parameters), limit)
+
+
+def make_probe(reduced_dim: int, classes: int, generator: torch.Generator) -> nn.Linear:
+    """The linear probe ℓ with PyTorch's default init drawn from its own generator, so that adding
+    it leaves the global RNG (hence every other init and dropout mask) untouched."""
+    probe = nn.Linear(reduced_dim, classes, device="meta").to_empty(device="cpu")
+    bound = 1 / math.sqrt(reduced_dim)
+    with torch.no_grad():
+        probe.weight.uniform_(-bound, bound, generator=generator)
+        probe.bias.uniform_(-bound, bound, generator=generator)
+    return probe
+
+
+def rng_untouched(device) -> contextlib.AbstractContextManager:
+    """Dropout drawn inside does not advance the global RNG (the probe-only teacher pass)."""
+    devices = [device] if torch.device(device).type == "cuda" else []
+    return torch.random.fork_rng(devices=devices, device_type=torch.device(device).type)
 
 
 # ----------------------------------------------------------------------------- Step 1
@@ -132,7 +176,7 @@ def mediator_stage(source, params: Params, dist: Dist, seed: int, device) -> tup
     def step(_: int, batch: Tensor) -> dict[str, float]:
         shard = dist.shard(len(batch))
         order = draw_grid_order(len(batch), grid, order_gen, window)[shard]
-        x = sample_grid(to_tokens(source.features(batch[shard]).to(device)), order, grid, window)
+        x = sample_grid(to_tokens(source.load(batch, shard)[0].to(device)), order, grid, window)
         loss = model(x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -186,15 +230,27 @@ class FrontDoor:
     head_teacher: nn.Module
     projection_teacher: nn.Module
     bank: ConceptBank
+    grid: tuple[int, int]   # the token grid the head was trained on
+
+
+def windowed(source, head_is_tr: bool, params: Params, seed: int) -> tuple[object, dict]:
+    """The TR source cut to params.tr_window (with its generator's state to checkpoint), or as is."""
+    if not (head_is_tr and params.tr_window):
+        return source, {}
+    generator = torch.Generator().manual_seed(seed)
+    return WindowSource(source, params.tr_window, generator), {"window": GeneratorState(generator)}
 
 
 def front_door_stage(
     source, codebook: Tensor, variant: str, num_classes: int | None, params: Params, dist: Dist, seed: int, device
 ) -> tuple[Stage, FrontDoor]:
+    source, window_state = windowed(source, variant == "tr", params, seed * 1000 + 24)
     window, grid = params.grid_window, source.grid
     codebook = codebook.detach().to(device)
     head = build_head(variant, source.dim, params, codebook, grid)
-    probe = nn.Linear(params.reduced_dim, num_classes) if source.labelled and num_classes else None
+    probe = None
+    if source.labelled and num_classes:
+        probe = make_probe(params.reduced_dim, num_classes, torch.Generator().manual_seed(seed * 1000 + 23))
     student = Student(head, ProjectionHead(params.reduced_dim, params.projection_dim), probe, grid, window).to(device)
     head_t, proj_t = make_teacher(student.head), make_teacher(student.projection)
     model = dist.wrap(student)
@@ -210,15 +266,18 @@ def front_door_stage(
     def step(_: int, batch: Tensor) -> dict[str, float]:
         shard = dist.shard(len(batch))
         order = draw_grid_order(len(batch), grid, order_gen, window)[shard].to(device)
-        tokens = to_tokens(source.features(batch[shard]).to(device))
-        labels = source.labels(batch[shard]) if probe is not None else None
+        features, labels = source.load(batch, shard)
+        tokens = to_tokens(features.to(device))
         with torch.no_grad():
             x = sample_grid(tokens, order, grid, window)
             if variant == "tr":
                 y_t = head_t(tokens)
                 y_lin, z_t = y_t, proj_t(sample_grid(y_t, order, grid, window))
             else:
-                y_lin = head_t(tokens) if labels is not None else None
+                y_lin = None
+                if probe is not None:
+                    with rng_untouched(device):  # the probe must not shift the unsupervised path's dropout
+                        y_lin = head_t(tokens)
                 z_t = proj_t(head_t(x))
             concepts = concept_index(x, codebook)
             # every rank's anchors see the candidates of the whole global batch
@@ -228,7 +287,7 @@ def front_door_stage(
         anchors = concepts.numel()
         self_index = torch.arange(anchors, device=device).view_as(concepts) + dist.rank * anchors
         terms, valid = front_door_terms(
-            z_s, z_all, concepts, concepts_all, concept_cos, self_index, bank.view(),
+            z_s, z_all, concepts, concepts_all, concept_cos, self_index, bank.entries(),
             params.temperature, params.pos_threshold, params.neg_threshold,
         )
         loss_front = front_door_loss(terms, valid)
@@ -236,7 +295,10 @@ def front_door_stage(
         loss = loss_front + loss_probe
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        _clip(student.parameters(), params.grad_clip)
+        # clipped apart: a joint norm would let the supervised probe scale the head's update
+        _clip(list(student.head.parameters()) + list(student.projection.parameters()), params.grad_clip)
+        if probe is not None:
+            _clip(probe.parameters(), params.grad_clip)
         optimizer.step()
         ema_update(head_t, student.head, params.ema_decay)
         ema_update(proj_t, student.projection, params.ema_decay)
@@ -246,10 +308,10 @@ def front_door_stage(
     stage = Stage(
         "cause-step2-front-door", schedule.total, schedule.steps_per_epoch, schedule.batches(len(source)), step,
         {"student": student, "head_teacher": head_t, "projection_teacher": proj_t, "optimizer": optimizer,
-         "bank": bank, "order": GeneratorState(order_gen), "bank_subset": GeneratorState(bank_gen)},
+         "bank": bank, "order": GeneratorState(order_gen), "bank_subset": GeneratorState(bank_gen), **window_state},
         params.checkpoint_every,
     )
-    return stage, FrontDoor(student, head_t, proj_t, bank)
+    return stage, FrontDoor(student, head_t, proj_t, bank, grid)
 
 
 # ----------------------------------------------------------------------------- Step 3
@@ -276,8 +338,18 @@ class ClusterModel(nn.Module):
 
     def forward(self, tokens: Tensor, order: Tensor) -> tuple[Tensor, Tensor | None]:
         with torch.set_grad_enabled(self.reference and torch.is_grad_enabled()):
-            y = self.head(tokens)
-        loss = modularity_loss(sample_grid(y, order, self.grid, self.window), self.centroids, self.temperature)
+            if isinstance(self.head, TRHead):
+                y = self.head(tokens)
+                sampled = sample_grid(y, order, self.grid, self.window)
+            else:
+                # a per-token head commutes with S: run it on the sampled tokens only (16x less work);
+                # the probe's full-grid pass keeps the RNG stream of the unsupervised path unchanged
+                sampled = self.head(sample_grid(tokens, order, self.grid, self.window))
+                y = None
+                if self.linear is not None:
+                    with rng_untouched(tokens.device):
+                        y = self.head(tokens)
+        loss = modularity_loss(sampled, self.centroids, self.temperature)
         logits = None
         if self.linear is not None:
             logits = to_map(self.linear(y if self.reference else y.detach()), self.grid)
@@ -287,6 +359,7 @@ class ClusterModel(nn.Module):
 def cluster_stage(
     source, head_teacher: nn.Module, probe: nn.Module | None, clusters: int, params: Params, dist: Dist, seed: int, device
 ) -> tuple[Stage, ClusterModel]:
+    source, window_state = windowed(source, isinstance(head_teacher, TRHead), params, seed * 1000 + 33)
     window, grid = params.grid_window, source.grid
     cluster = ClusterModel(head_teacher, clusters, probe, params, grid,
                            torch.Generator().manual_seed(seed * 1000 + 31), params.reference_step3).to(device)
@@ -309,11 +382,11 @@ def cluster_stage(
                 group["lr"] = lr * factor
         shard = dist.shard(len(batch))
         order = draw_grid_order(len(batch), grid, order_gen, window)[shard].to(device)
-        tokens = to_tokens(source.features(batch[shard]).to(device))
-        loss_clu, logits = model(tokens, order)
+        features, labels = source.load(batch, shard)
+        loss_clu, logits = model(to_tokens(features.to(device)), order)
         loss_probe = torch.zeros((), device=device)
         if logits is not None:
-            loss_probe = probe_loss(logits, source.labels(batch[shard]).to(device))
+            loss_probe = probe_loss(logits, labels.to(device))
         loss = loss_clu + loss_probe
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
@@ -323,7 +396,7 @@ def cluster_stage(
             optimizer.step()
         return {"loss": loss.item(), "modularity": loss_clu.item(), "probe": loss_probe.item(), "images": len(batch)}
 
-    state = {"cluster": cluster, "centroids_optimizer": opt_centroids, "order": GeneratorState(order_gen)}
+    state = {"cluster": cluster, "centroids_optimizer": opt_centroids, "order": GeneratorState(order_gen), **window_state}
     if opt_segment is not None:
         state["segment_optimizer"] = opt_segment
     stage = Stage("cause-step3-cluster", schedule.total, schedule.steps_per_epoch, schedule.batches(len(source)), step,
@@ -367,7 +440,7 @@ def run_cause(
         state["linear.weight"] = cluster.linear.weight.detach().cpu()
         state["linear.bias"] = cluster.linear.bias.detach().cpu()
     if variant == "tr":
-        state["grid"] = torch.tensor(train_source.grid)
+        state["grid"] = torch.tensor(front.grid)
     return state
 
 
@@ -381,9 +454,10 @@ def fit(ctx) -> dict[str, Tensor]:
     train_store = ctx.features(resolution=params.train_resolution)
     mediator_source = StoreSource(mediator_store, labelled=False)
     train_source = StoreSource(train_store, labelled)
+    window = f", TR windows of {params.tr_window} tokens" if variant == "tr" and params.tr_window else ""
     ctx.log(
-        f"CAUSE-{variant.upper()}: {len(train_source)} images, token grid {train_source.grid[0]}x{train_source.grid[1]} "
-        f"(step 1: {mediator_source.grid[0]}x{mediator_source.grid[1]}), K = {params.concepts}, "
+        f"CAUSE-{variant.upper()}: {len(train_source)} images, token grid {train_source.grid[0]}x{train_source.grid[1]}"
+        f"{window} (step 1: {mediator_source.grid[0]}x{mediator_source.grid[1]}), K = {params.concepts}, "
         f"linear probe {'on' if train_source.labelled else 'off'}"
     )
     return run_cause(

@@ -41,12 +41,12 @@ from ..base import FitContext, Predictor, PredictorInfo
 from .clustering import PCA, assign, fit_pca, kmeans
 from .merge import (
     build_graph,
+    cluster_precision_scores,
     community_backend,
     community_table,
     cooccurrence,
     detect_communities,
     limit_communities,
-    cluster_precision_scores,
     otsu_threshold,
     reference_threshold,
 )

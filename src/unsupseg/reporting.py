@@ -1,0 +1,152 @@
+"""``build_report``: run a fitted segmenter over a few images and write the HTML report of the run.
+
+The driver sits at api level because it needs a model (``unsupseg.load``) and, for labelled data,
+``unsupseg.evaluate``; the rendering itself is model-free (``unsupseg.evaluation.report``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__, rundir
+from ._io import atomic_write_text
+from ._progress import console, track
+from .api import Segmenter, build_train_dataset, evaluate, load
+from .data import ImageFolder, build_dataset
+from .errors import ConfigError, DataError
+from .evaluation.report import ClusterGallery, ReportData, ReportImage, render_report
+
+__all__ = ["build_report"]
+
+
+def _spread(n: int, k: int) -> list[int]:
+    """``k`` indices spread evenly over ``range(n)``: benchmark splits are often video sequences,
+    so the first k frames would all look alike."""
+    if n <= k:
+        return list(range(n))
+    return sorted({int(round(i)) for i in np.linspace(0, n - 1, k)})
+
+
+def build_report(
+    run_dir: str | os.PathLike | Segmenter,
+    out: str | os.PathLike,
+    images: str | os.PathLike | None = None,
+    dataset: str | None = None,
+    root: str | os.PathLike | None = None,
+    split: str = "val",
+    max_images: int = 24,
+    crf: bool | None = None,
+    *,
+    patches_per_cluster: int = 8,
+    patch_size: int = 64,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Write a self-contained HTML report of a run to ``out`` (atomically) and return its path.
+
+    Images: ``images`` (a folder or one file), else ``dataset``/``root``/``split``, else the run's
+    own training data; at most ``max_images`` of them, spread over the set, are segmented and shown
+    as overlays and feed the cluster gallery. When the dataset is a labelled benchmark, the metrics
+    section comes from ``unsupseg.evaluate`` over the whole split (which also records them in the
+    run's meta.json, as ``unsupseg evaluate`` does).
+    """
+    log = log or (lambda msg: console.print(msg))
+    if max_images < 1:
+        raise ConfigError(f"max_images must be >= 1, got {max_images}")
+    if images is not None and dataset is not None:
+        raise ConfigError("give either --images DIR or --dataset NAME --root DIR, not both")
+    seg = run_dir if isinstance(run_dir, Segmenter) else load(run_dir)
+    config = seg.config
+
+    # (data, name of a labelled benchmark to evaluate on or None, description)
+    if images is not None:
+        data, bench, source = ImageFolder(images, strict=config.data.strict), None, f"images in {images}"
+    elif dataset is not None:
+        if root is None:
+            raise ConfigError(f"dataset {dataset!r} needs --root (the folder that holds it)")
+        data, bench, source = build_dataset(dataset, str(root), split), (dataset, root, split), f"{dataset}/{split}"
+    else:
+        data = build_train_dataset(config)
+        d = config.data
+        if d.dataset and not d.crops and not d.images:
+            bench, source = (d.dataset, d.root, d.split), f"training data {d.dataset}/{d.split}"
+        else:
+            bench, source = None, f"training data {d.crops or d.images}"
+    if bench is not None and data.num_classes is None:
+        bench = None   # a folder of images without class names: nothing to score against
+
+    metrics = None
+    if bench is not None:
+        log(f"evaluating on {bench[0]}/{bench[2]} ({len(data)} images) for the metrics section")
+        metrics = evaluate(seg, dataset=bench[0], root=bench[1], split=bench[2], crf=crf)
+        prep = data.eval_preprocess(seg.resolution, multiple=seg.backbone.stride)   # as evaluate scores
+    else:
+        prep = seg.preprocess()   # as segment/predict see a photo
+
+    gallery = ClusterGallery(seg.num_clusters, per_cluster=patches_per_cluster, patch_size=patch_size)
+    shown: list[ReportImage] = []
+    chosen = _spread(len(data), max_images)
+    for i in track(chosen, len(chosen), "report: segmenting"):
+        try:
+            sample = data[i]
+        except DataError as err:
+            if config.data.strict:
+                raise
+            warnings.warn(f"skipping unreadable image: {err}", stacklevel=2)
+            continue
+        tensor, label = prep.apply(sample.image, sample.label if metrics is not None else None)
+        pred = seg.predict_tensor(tensor, crf)
+        pixels = (tensor * 255).round().byte().permute(1, 2, 0).numpy()
+        gallery.add(pixels, pred.probabilities.numpy())
+        shown.append(ReportImage(sample.id, pixels, pred.labels, None if label is None else label.numpy()))
+    if not shown:
+        raise DataError(f"no image of {source} could be read for the report")
+
+    meta = _read_meta(seg.path)
+    test = config.test
+    summary = [
+        ("run", str(seg.path) if seg.path is not None else "(in memory)"),
+        ("method", config.method),
+        ("backbone", f"{config.backbone.name} (weights {seg.backbone.weights_id})"),
+        ("clusters", str(seg.num_clusters)),
+        ("trained on", _train_description(config, meta)),
+        ("test recipe", f"{seg.resolution} px, flip {'on' if test.flip else 'off'}, "
+                        f"CRF {'on' if (test.crf if crf is None else crf) else 'off'}"),
+        ("images shown", f"{len(shown)} of {len(data)} ({source})"),
+        ("generated", f"{time.strftime('%Y-%m-%d %H:%M')} by unsupseg {__version__}"),
+    ]
+    if "fit_seconds" in meta:
+        summary.insert(5, ("fit time", f"{meta['fit_seconds']} s"))
+    notes = []
+    if metrics is not None:
+        notes.append(f"Cluster names come from {metrics['matching']} matching of clusters to classes on the "
+                     "whole split; the method never saw the labels.")
+    title = f"unsupseg report: {Path(seg.path).name if seg.path is not None else config.method}"
+    report = ReportData(
+        title=title, num_clusters=seg.num_clusters, images=shown, gallery=gallery.rows(),
+        pixel_share=gallery.pixel_share(), summary=summary, metrics=metrics, notes=notes,
+    )
+    out = Path(out)
+    atomic_write_text(out, render_report(report))
+    log(f"report of {len(shown)} images written to {out}")
+    return out
+
+
+def _read_meta(path: Path | None) -> dict:
+    if path is None or not (Path(path) / rundir.META).exists():
+        return {}
+    return json.loads((Path(path) / rundir.META).read_text())
+
+
+def _train_description(config, meta: dict) -> str:
+    train = meta.get("train_data") or {}
+    d = config.data
+    where = d.crops or d.images or (f"{d.dataset}/{d.split}" if d.dataset else "?")
+    count = f", {train['images']} images" if "images" in train else ""
+    return f"{where}{count}, {d.resolution} px"

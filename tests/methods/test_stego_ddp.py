@@ -1,0 +1,73 @@
+"""STEGO on two gloo CPU processes (torchrun's setup): both end with identical weights.
+
+Kept apart from the API tests so the spawned workers import only torch and the STEGO module.
+"""
+
+import os
+import socket
+
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+
+from unsupseg.config import RunConfig, to_dict
+from unsupseg.engine import Dist, run_stage
+from unsupseg.features.cache import open_or_build
+from unsupseg.features.knn import knn_indices, pooled_descriptors
+from unsupseg.methods import stego
+from unsupseg.methods.base import FitContext
+
+
+def _store(folder, n=8, dim=12, side=5):
+    gen = torch.Generator().manual_seed(0)
+    maps = [torch.rand(dim, side, side, generator=gen) for _ in range(n)]
+    labels = [torch.randint(-1, 3, (side * 8, side * 8), generator=gen) for _ in range(n)]
+
+    def items():
+        for i in range(n):
+            yield f"im{i}", maps[i], labels[i]
+
+    return open_or_build(folder, {"test": "stego-ddp", "n": n}, items)
+
+
+def _training(store, dist):
+    params = stego.Params(dim=4, batch_size=4, steps=3, knn_k=2, feature_samples=3, neg_samples=2)
+    config = RunConfig(method="stego", clusters=3, params=to_dict(params))
+    ctx = FitContext(config, params, None, lambda **_: store, None, 3, dist, None, lambda _: None)
+    torch.manual_seed(0)
+    return stego.build_training(ctx, store, knn_indices(pooled_descriptors(store), len(store)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        store = _store(folder)
+        stage, model = _training(store, Dist(rank=rank, world_size=world))
+        seen = []
+        inner = stage.step
+        stage.step = lambda i, batch: (seen.append(batch.clone()), inner(i, batch))[1]
+        run_stage(stage, None, Dist(rank=rank, world_size=world))
+        torch.save({"state": model.state_dict(), "batches": seen}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_two_process_ddp_ends_with_identical_weights(tmp_path):
+    _store(tmp_path / "cache")         # built once here, read by both workers
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "cache"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][key]), key
+    # both processes drew the same global batches (each trains on its half, see Dist.shard) ...
+    assert all(torch.equal(a, b) for a, b in zip(r0["batches"], r1["batches"]))
+    # ... and the weights did train
+    _, initial = _training(_store(tmp_path / "cache"), Dist())
+    assert not torch.equal(initial.state_dict()["head.cluster1.0.weight"], r0["state"]["head.cluster1.0.weight"])
