@@ -15,5 +15,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q -e ".[dev,demo]"
+.venv/bin/python -m pip install -q -e ".[dev,demo,leopart]"
+# The reference CRF backend compiles C++; without it only the agreement tests skip.
+.venv/bin/python -m pip install -q -e ".[crf-reference]" || echo "warning: pydensecrf2 did not install; CRF agreement tests will skip" >&2
 echo "$want" > "$stamp"

@@ -226,6 +226,12 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     assert decayed["weight_decay"] == pytest.approx(lf.cosine_schedule(0.04, 0.5, 5, 1000))
     assert decayed["lr"] == pytest.approx(lf.cosine_schedule(1e-4, 0.0, 5, 1000))
     torch.testing.assert_close(trainer.student.prototypes.weight.norm(dim=1), torch.ones(16), atol=1e-2, rtol=0)
+    trainer.student.normalize_prototypes()
+    with torch.no_grad():
+        z = trainer.student.embed(trainer.student.encoder(batch["globals"][0]))
+        scores = trainer.student.score(z)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(2, 4, 4))
+    assert scores.shape == (2, 16, 4, 4) and scores.abs().max() <= 1 + 1e-5
     # EMA: teacher <- m teacher + (1 - m) student, over every parameter (heads included)
     trainer.p.momentum_start = 0.5
     before = [t.clone() for t in trainer.teacher.parameters()]
@@ -233,6 +239,17 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     m = lf.cosine_schedule(0.5, 1.0, 6, 1000)
     for old, teacher, student in zip(before, trainer.teacher.parameters(), trainer.student.parameters()):
         torch.testing.assert_close(teacher, m * old + (1 - m) * student, atol=1e-6, rtol=1e-5)
+
+
+def test_student_as_its_own_teacher_without_mask_or_local_crops(tmp_path):
+    p = _tiny_params(use_teacher=False, loss_mask="all", num_local=0, queue_length=16)
+    trainer = lf.Trainer("dino_vits16", "random", p, total_steps=10, dist=Dist())
+    assert trainer.teacher is None and "teacher" not in trainer.state()
+    _images(tmp_path / "img", 2)
+    views = [lf.make_views(Image.open(tmp_path / "img" / f"{i}.png").convert("RGB"), p, np.random.default_rng(i)) for i in range(2)]
+    logs = trainer.step(0, lf.collate(views))
+    assert math.isfinite(logs["loss"]) and logs["images"] == 2
+    assert trainer.queue.items.abs().sum() > 0           # every token enters the queue without a mask
 
 
 def test_finetune_writes_a_loadable_backbone_and_resumes_exactly(tmp_path, monkeypatch):

@@ -113,7 +113,8 @@ def max_product(gamma: Tensor, chunk: int | None = None) -> Tensor:
 
 
 def modularity_chunk(batch: int, n: int, budget: int = 1 << 25) -> int:
-    """Concepts per chunk so that one B x n x n x chunk product holds about ``budget`` values."""
+    """Concepts per chunk so that one B x n x n x chunk product holds about ``budget`` values
+    (128 MiB in float32 by default)."""
     return max(1, budget // max(1, batch * n * n))
 
 
@@ -126,7 +127,8 @@ def modularity_loss(x: Tensor, centroids: Tensor, temperature: float = 0.1, chun
     x = x.detach()
     w, e = modularity_matrix(affinity(x))
     gamma = concept_similarity(x, centroids).clamp_min(0)
-    chunk = chunk or modularity_chunk(x.shape[0], x.shape[1])
+    # a GPU affords (and needs, to be fast) bigger chunks than a CPU's caches
+    chunk = chunk or modularity_chunk(x.shape[0], x.shape[1], 1 << (28 if x.is_cuda else 25))
     delta = torch.tanh(max_product(gamma, chunk) / temperature)
     q = (w * delta).sum((1, 2)) / e.flatten()
     return -q.mean()
