@@ -272,7 +272,7 @@ def demo(
 
     table = run_demo(out_dir, method, clusters, overwrite, out.print)
     out.print(table)
-    out.print(f"masks and overlays in {out_dir / 'masks'}")
+    out.print(f"masks and overlays in {out_dir / 'masks'}, report in {out_dir / 'report.html'}")
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """The main job on the embedded default: no download, no GPU.
 
 Fits a method with the ``efficientnet_lite0`` backbone on the colour photographs that ship with
-scikit-image, segments them, prints a table of what was discovered and writes masks and overlays.
+scikit-image, segments them, prints a table of what was discovered and writes masks, overlays and
+an HTML report.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def run_demo(out: Path, method: str, clusters: int, overwrite: bool, log: Callab
                   overwrite=overwrite, log=log)
     masks = out / "masks"
     segment(seg, [images], masks, overwrite=True)
+    from .reporting import build_report
+
+    build_report(seg, out / "report.html", images=images, log=log)
     return summary_table(seg.num_clusters, masks, sorted(images.iterdir()))
 
 

@@ -297,7 +297,10 @@ def build_predictor(params: Params, state: dict[str, torch.Tensor], info: Predic
         )
     projection = "nonlinear" if "head.cluster2.0.weight" in state else "linear"
     head = StegoHead(in_dim, dim, projection, params.dropout, params.signal_dropout)
-    head.load_state_dict({k[len("head."):]: v.float() for k, v in state.items() if k.startswith("head.")})
+    try:
+        head.load_state_dict({k[len("head."):]: v.float() for k, v in state.items() if k.startswith("head.")})
+    except RuntimeError as err:
+        raise CheckpointError(f"STEGO head weights do not fit a {in_dim} -> {dim} {projection} head: {err}") from None
     return StegoPredictor(head.eval(), clusters)
 
 
