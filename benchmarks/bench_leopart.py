@@ -94,7 +94,10 @@ def main() -> None:
     parser.add_argument("--camvid", type=Path, default=None, help="CamVid root: time the camvid preset's fit")
     parser.add_argument("--fit-images", type=int, default=40, help="synthetic images for the fit timing")
     parser.add_argument("--skip-fit", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     bench_finetune("cpu", args.batch, args.steps, args.workers, amp=False)
     if torch.cuda.is_available():

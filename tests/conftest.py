@@ -45,3 +45,14 @@ def write_images(folder: Path, n: int, size=(64, 48), seed: int = 0) -> list[Pat
         Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(path)
         paths.append(path)
     return paths
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: an OpenMP thread team costs more than it saves, most of all on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

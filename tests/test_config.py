@@ -34,3 +34,18 @@ def test_dataset_preset_is_selected_and_overrides_win():
         resolve_config("kmeans", overrides=["params.restart=1"])
     with pytest.raises(ConfigError, match="unknown method 'kmean'.*'kmeans'"):
         resolve_config("kmean")
+
+
+def test_every_shipped_preset_resolves_to_valid_params():
+    from unsupseg.api import _method_params
+    from unsupseg.config import preset_names
+    from unsupseg.methods import method_names
+
+    checked = 0
+    for method in method_names():
+        for name in preset_names(method):
+            config = resolve_config(method, preset=name)
+            _method_params(config)            # typed and validated by the method's Params
+            assert config.method == method and config.clusters >= 1, (method, name)
+            checked += 1
+    assert checked >= 20

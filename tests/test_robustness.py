@@ -8,10 +8,12 @@ import time
 import warnings
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
 import unsupseg
+import unsupseg.rundir
 from unsupseg.data import DataWarning
 from unsupseg.errors import DataError
 from tests.conftest import write_images
@@ -91,3 +93,40 @@ def test_interrupted_segment_leaves_no_half_written_file(run_dir, tmp_path):
     assert len(written) == 20 - len([p for p in done if (p.parent / f"{p.stem}_overlay.jpg").exists()])
     assert not list((tmp_path / "out").glob(".*.tmp"))
     assert len(list((tmp_path / "out").glob("*_overlay.jpg"))) == 20
+
+
+def test_killed_fit_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(tmp_path):
+    """kill -9 in the middle of CAUSE's Step 2, then the same command again: it resumes from the
+    last checkpoint and writes the weights an uninterrupted fit writes, bit for bit."""
+    write_images(tmp_path / "imgs", 8)
+    overrides = ["data.resolution=64", "data.mode=square"] + [f"params.{key}={value}" for key, value in {
+        "train_resolution": 64, "concepts": 16, "projection_dim": 8, "bank_size": 4, "batch_size": 2,
+        "mediator_epochs": 1, "head_epochs": 100, "cluster_epochs": 1, "checkpoint_every": 5, "linear_probe": False,
+    }.items()]
+    unsupseg.fit("cause-mlp", images=tmp_path / "imgs", out=tmp_path / "straight", clusters=3,
+                 backbone="efficientnet_lite0", overrides=overrides, log=lambda m: None)
+
+    interrupted = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "unsupseg.cli", "fit", "--method", "cause-mlp", "--images", str(tmp_path / "imgs"),
+               "--clusters", "3", "--backbone", "efficientnet_lite0", "--out", str(interrupted)]
+    for override in overrides:
+        command += ["--set", override]
+    env = {**os.environ, "UNSUPSEG_PROGRESS": "0"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    step2 = interrupted / "checkpoints" / "cause-step2-front-door.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not step2.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert step2.exists() and not (interrupted / "weights.safetensors").exists(), "killed before the end of step 2"
+
+    again = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
+    output = again.stdout + again.stderr
+    assert "resuming the unfinished run" in output and "cause-step2-front-door: resuming from step" in output
+    straight = unsupseg.rundir.load(tmp_path / "straight").state
+    resumed = unsupseg.rundir.load(interrupted).state
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    assert not (interrupted / "checkpoints").exists()

@@ -263,7 +263,7 @@ def doctor() -> None:
 @app.command()
 def demo(
     out_dir: Path = typer.Option(Path("outputs/demo"), "--out", help="Folder for photos, run, masks and overlays."),
-    method: str = typer.Option("kmeans", help="Method to fit."),
+    method: str = typer.Option("cause-mlp", help="Method to fit (its 'demo' preset when it has one)."),
     clusters: int = typer.Option(5, help="Number of clusters to discover."),
     overwrite: bool = typer.Option(False, help="Fit again even if a finished run is there."),
 ) -> None:

@@ -1,6 +1,7 @@
 """The main job on the embedded default: no download, no GPU.
 
-Fits a method with the ``efficientnet_lite0`` backbone on the colour photographs that ship with
+Fits a method (the flagship CAUSE-MLP by default, with its ``demo`` preset: sizes for six photos)
+with the ``efficientnet_lite0`` backbone on the colour photographs that ship with
 scikit-image, segments them, prints a table of what was discovered and writes masks, overlays and
 an HTML report.
 """
@@ -50,8 +51,10 @@ def run_demo(out: Path, method: str, clusters: int, overwrite: bool, log: Callab
         log(f"using the finished run in {run_dir} (pass --overwrite to fit again)")
         seg = load(run_dir)
     else:
+        from .config import has_preset
+
         seg = fit(method, out=run_dir, backbone="efficientnet_lite0", images=images, clusters=clusters,
-                  overwrite=overwrite, log=log)
+                  preset="demo" if has_preset(method, "demo") else None, overwrite=overwrite, log=log)
     masks = out / "masks"
     segment(seg, [images], masks, overwrite=True)
     from .reporting import build_report

@@ -11,13 +11,7 @@ from unsupseg.evaluation.metrics import majority_mapping, score
 from unsupseg.evaluation.overcluster import overcluster_scores
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: an OpenMP thread team costs more than it saves, most of all on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _blocks(n=4, classes=3, dim=8, side=8, seed=0):

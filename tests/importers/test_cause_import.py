@@ -18,13 +18,7 @@ D, R_DIM, P_DIM, K, C, FFN = 384, 6, 10, 12, 4, 32   # dino_vits16: D = 384, pat
 SIDE = 4                                            # TR query table 4 x 4 -> test resolution 64
 
 
-@pytest.fixture(autouse=True)
-def quiet(monkeypatch):
-    monkeypatch.setenv("UNSUPSEG_PROGRESS", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def conv(out, inp, g):

@@ -22,12 +22,7 @@ class FakeBackbone:
     stride = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def state_of(variant, dim=12, r=5, clusters=4, grid=(4, 6), seed=0):
@@ -57,6 +52,17 @@ def test_predictor_is_teacher_head_then_cosine(variant):
     scores = seg.scores(feats, None, (4, 6))
     assert torch.allclose(scores, expected.permute(0, 3, 1, 2), atol=1e-5)
     assert seg.predictor.fixed_grid == ((4, 6) if variant == "tr" else None)
+
+
+@pytest.mark.parametrize("variant", ["mlp", "tr"])
+def test_feature_scale_multiplies_the_tokens_the_head_sees(variant):
+    state, head = state_of(variant)
+    predictor = build_predictor(Params(feature_scale=4.0), state, PredictorInfo(4, 12, 8))
+    feats = torch.randn(2, 12, 4, 6)
+    with torch.no_grad():
+        expected = head((4.0 * feats).flatten(2).transpose(1, 2)).transpose(1, 2).reshape(2, 5, 4, 6)
+        assert torch.allclose(predictor.embed(feats), expected, atol=1e-5)
+        assert not torch.allclose(predictor.embed(feats), build_predictor(Params(), state, PredictorInfo(4, 12, 8)).embed(feats))
 
 
 @pytest.mark.parametrize("variant", ["mlp", "tr"])

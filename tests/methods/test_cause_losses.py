@@ -11,6 +11,7 @@ from unsupseg.methods.cause.heads import MLPHead, ProjectionHead, TRHead
 from unsupseg.methods.cause.losses import (
     affinity,
     concept_index,
+    cosine_cluster_loss,
     draw_grid_order,
     front_door_loss,
     front_door_terms,
@@ -24,13 +25,7 @@ from unsupseg.methods.cause.losses import (
 from unsupseg.methods.cause.trainer import Student, to_map
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (badly so on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed=0):
@@ -194,6 +189,20 @@ def test_modularity_improves_on_blobs_and_prefers_blob_centres():
     assert modularity_loss(x, m).item() < start - 0.05
     random_m = torch.randn(4, x.shape[-1], generator=gen(10))
     assert modularity_loss(x, centres) < modularity_loss(x, random_m)
+
+
+def test_cosine_cluster_loss_is_the_nearest_centroid_cosine_and_moves_only_winners():
+    x = torch.randn(2, 10, 4, generator=gen(20), requires_grad=True)
+    centroids = torch.randn(5, 4, generator=gen(21))
+    centroids[4] = -centroids[:4].sum(0) * 100  # far from everything: never the nearest
+    centroids.requires_grad_(True)
+    cos = F.normalize(x, dim=-1) @ F.normalize(centroids, dim=-1).T
+    assert cos.argmax(-1).ne(4).all()
+    loss = cosine_cluster_loss(x, centroids)
+    assert torch.allclose(loss, -cos.max(-1).values.mean())
+    loss.backward()
+    assert x.grad is None
+    assert centroids.grad[:4].abs().sum() > 0 and torch.equal(centroids.grad[4], torch.zeros(4))
 
 
 # ----------------------------------------------------------------------------- 5. contrastive loss

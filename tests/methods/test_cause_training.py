@@ -25,14 +25,7 @@ from unsupseg.methods.cause.trainer import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny tensors: intra-op threads only add synchronisation (badly so on a shared machine)."""
-    monkeypatch.setenv("UNSUPSEG_PROGRESS", "0")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_store(path, n=8, dim=16, grid=(8, 8), labelled=True, classes=3, seed=0, scale=2):
@@ -125,6 +118,31 @@ def test_bank_adds_half_of_each_concept_keeps_capacity_and_newest():
     assert entries.shape == (5, 2) and owners.tolist() == [2] * 5
 
 
+def test_bank_matches_the_reference_queues_over_many_updates():
+    """The reference's per-concept lists: append a random ⌊c/2⌋ of each concept's tokens, keep the
+    newest ``capacity``; the random order is the one the bank draws (same generator state)."""
+    g = torch.Generator().manual_seed(2)
+    capacity, concepts = 5, 3
+    bank = ConceptBank(concepts, capacity, 3)
+    queues = {k: [] for k in range(concepts)}
+    for step in range(12):
+        count = int(torch.randint(1, 60, (1,), generator=g))
+        ids = torch.randint(concepts, (count,), generator=g)
+        values = torch.nn.functional.normalize(torch.randn(count, 3, generator=g), dim=1)
+        mirror = torch.Generator()
+        mirror.set_state(g.get_state())
+        perm = torch.randperm(count, generator=mirror).tolist()
+        for k in range(concepts):
+            mine = [i for i in perm if int(ids[i]) == k]
+            queues[k] = (queues[k] + [values[i] for i in mine[: len(mine) // 2]])[-capacity:]
+        bank.update(ids, values, g)
+        for k in range(concepts):
+            stored = sorted(bank.values[k, : int(bank.length[k])].tolist())
+            expected = sorted(torch.stack(queues[k]).tolist()) if queues[k] else []
+            assert len(stored) == len(expected), (step, k)
+            assert torch.allclose(torch.tensor(stored).view(-1, 3), torch.tensor(expected).view(-1, 3), atol=1e-6), (step, k)
+
+
 def test_bank_state_round_trip():
     g = torch.Generator().manual_seed(1)
     bank = ConceptBank(4, 3, 2)
@@ -193,6 +211,48 @@ def test_step3_teacher_frozen_unless_reference_mode(tmp_path, reference):
     same = all(torch.equal(before[k], v) for k, v in head.state_dict().items())
     assert same is (not reference)
     assert not torch.equal(centroids, cluster.centroids)
+
+
+@pytest.mark.parametrize("variant", ["mlp", "tr"])
+def test_step3_kmeanspp_seeds_and_cosine_loss(tmp_path, variant):
+    store = make_store(tmp_path)
+    params = tiny(cluster_init="kmeans++", cluster_loss="cosine", tr_window=6)
+    source = StoreSource(store, False)
+    torch.manual_seed(0)
+    codebook = torch.randn(params.concepts, 16)
+    head = trainer.build_head(variant, 16, params, codebook, (6, 6) if variant == "tr" else (8, 8))
+    stage, cluster = cluster_stage(source, make_teacher(head), None, 3, params, Dist(), 0, "cpu")
+    seeds = cluster.centroids.detach().clone()
+    assert torch.allclose(seeds.norm(dim=1), torch.ones(3))
+    again = cluster_stage(source, make_teacher(head), None, 3, params, Dist(), 0, "cpu")[1]
+    assert torch.equal(again.centroids, seeds)
+    history = run_stage(stage, None, Dist())
+    assert all(-1 <= h["cluster"] <= 1 for h in history)  # the logged cluster loss: -mean max cos
+    assert not torch.equal(cluster.centroids, seeds)
+
+
+def test_feature_scale_scales_the_training_batches_and_keeps_the_clusterbook(tmp_path):
+    store = make_store(tmp_path)
+    plain, scaled = StoreSource(store, True), StoreSource(store, True, scale=10.0)
+    batch = torch.tensor([3, 1, 4])
+    (f, labels), (g, scaled_labels) = plain.load(batch, slice(None)), scaled.load(batch, slice(None))
+    assert torch.allclose(g, 10 * f) and torch.equal(labels, scaled_labels)
+    # Step 1 sees only cosines: the same clusterbook from scaled tokens
+    codebooks = []
+    for source in (plain, scaled):
+        stage, mediator = mediator_stage(source, tiny(), Dist(), 0, "cpu")
+        run_stage(stage, None, Dist())
+        codebooks.append(mediator.codebook.detach())
+    assert torch.allclose(codebooks[0], codebooks[1], atol=1e-5)
+
+
+def test_invalid_params_are_config_errors():
+    from unsupseg.errors import ConfigError
+
+    for bad in ({"cluster_loss": "kmeans"}, {"cluster_init": "zeros"}, {"concepts": 0}, {"bank_keep": 0.0},
+                {"pos_threshold": 0.1, "neg_threshold": 0.3}, {"tr_window": 2}, {"feature_scale": 0.0}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            tiny(**bad)
 
 
 # ----------------------------------------------------------------------------- §7.2: the probe is monitoring only

@@ -18,13 +18,7 @@ from unsupseg.methods.leopart.clustering import assign, fit_pca, kmeans
 from unsupseg.methods.leopart.saliency import distinctiveness, gaussian_blur, mass_foreground, remove_small_components
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: an OpenMP thread team costs more than it saves, most of all on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ----------------------------------------------------------------------------- clustering
 

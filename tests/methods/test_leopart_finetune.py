@@ -17,13 +17,7 @@ from unsupseg.errors import ConfigError, RunDirError
 from unsupseg.methods import leopart_finetune as lf
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: an OpenMP thread team costs more than it saves, most of all on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ----------------------------------------------------------------------------- crops
 

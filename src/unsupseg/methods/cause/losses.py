@@ -134,6 +134,13 @@ def modularity_loss(x: Tensor, centroids: Tensor, temperature: float = 0.1, chun
     return -q.mean()
 
 
+def cosine_cluster_loss(x: Tensor, centroids: Tensor) -> Tensor:
+    """-mean_i max_c cos(x_i, Φ_c): the STEGO-style cluster loss the reference also defines
+    (``forward_centroid``), i.e. online spherical k-means; the gradient reaches the winning centroid."""
+    cos = F.normalize(x.detach(), dim=-1) @ F.normalize(centroids, dim=-1).T
+    return -cos.max(-1).values.mean()
+
+
 # ----------------------------------------------------------------------------- contrastive loss
 
 

@@ -3,7 +3,13 @@ COCO-Stuff-27, the presets set the per-variant and per-dataset ones)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+from ...errors import ConfigError
+
+_POSITIVE = ("concepts", "reduced_dim", "projection_dim", "bank_size", "grid_window", "tr_ffn_dim", "tr_heads",
+             "batch_size", "ref_world_size", "cluster_lr_step_epochs", "checkpoint_every")
+_NON_NEGATIVE = ("mediator_epochs", "head_epochs", "cluster_epochs")
 
 
 @dataclass
@@ -22,6 +28,11 @@ class Params:
     neg_threshold: float = 0.1         # ϕ-
     dropout: float = 0.1
     ema_decay: float = 0.99
+    # backbone tokens are multiplied by this before the heads, in training and at test time. Cosines
+    # (Step 1, VQ, concept ids) do not change; the heads see ViT-like magnitudes from backbones whose
+    # features are small, e.g. efficientnet_lite0's per-stage L2-normalised maps (about 0.08 per
+    # channel), which the TR head's N(0, 1) query-position table otherwise drowns.
+    feature_scale: float = 1.0
     # TR head
     tr_ffn_dim: int = 2048
     tr_heads: int = 1
@@ -38,9 +49,29 @@ class Params:
     cluster_epochs: int = 1
     cluster_lr_step_epochs: int = 2    # Step 3 StepLR
     cluster_lr_gamma: float = 0.5
+    cluster_loss: str = "modularity"   # Step 3: modularity (reference scripts) | cosine (the reference's unused STEGO-style loss)
+    cluster_init: str = "uniform"      # Step 3 centroids: uniform U(-1/C, 1/C) (reference) | kmeans++ seeds among teacher outputs
     mediator_resolution: int | None = None   # Step 1 input size (None: data.resolution)
     train_resolution: int | None = None      # Steps 2-3 input size (None: data.resolution)
     # supervision used for monitoring only (§7.2)
     linear_probe: bool = True          # train the supervised linear probe when the data has labels
     reference_step3: bool = False      # reproduce the reference's Step 3 label leakage into the teacher head
     checkpoint_every: int = 100        # steps between training checkpoints
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _POSITIVE and value < 1 or f.name in _NON_NEGATIVE and value < 0:
+                raise ConfigError(f"params.{f.name} must be {'positive' if f.name in _POSITIVE else '>= 0'}, got {value!r}")
+        if self.cluster_init not in ("uniform", "kmeans++"):
+            raise ConfigError(f"params.cluster_init must be 'uniform' or 'kmeans++', got {self.cluster_init!r}")
+        if self.cluster_loss not in ("modularity", "cosine"):
+            raise ConfigError(f"params.cluster_loss must be 'modularity' or 'cosine', got {self.cluster_loss!r}")
+        if not self.feature_scale > 0:
+            raise ConfigError(f"params.feature_scale must be positive, got {self.feature_scale!r}")
+        if not 0 < self.bank_keep <= 1:
+            raise ConfigError(f"params.bank_keep must be in (0, 1], got {self.bank_keep!r}")
+        if self.neg_threshold > self.pos_threshold:
+            raise ConfigError(f"params.neg_threshold ({self.neg_threshold}) must not exceed pos_threshold ({self.pos_threshold})")
+        if self.tr_window is not None and self.tr_window < self.grid_window:
+            raise ConfigError(f"params.tr_window ({self.tr_window}) must be at least params.grid_window ({self.grid_window})")

@@ -57,14 +57,15 @@ def head_from_state(state: dict[str, Tensor], params: Params, source: str = "the
 
 
 class CausePredictor(Predictor):
-    def __init__(self, head: nn.Module, centroids: Tensor, grid: tuple[int, int] | None):
+    def __init__(self, head: nn.Module, centroids: Tensor, grid: tuple[int, int] | None, feature_scale: float = 1.0):
         super().__init__()
         self.head = head
         self.register_buffer("centroids", centroids.float())
         self.fixed_grid = grid
+        self.feature_scale = feature_scale
 
     def embed(self, features: Tensor) -> Tensor:
-        return to_map(self.head(to_tokens(features)), tuple(features.shape[-2:]))
+        return to_map(self.head(to_tokens(features * self.feature_scale)), tuple(features.shape[-2:]))
 
     def classify(self, embedding: Tensor) -> Tensor:
         return cosine_scores(embedding, self.centroids)
@@ -75,4 +76,4 @@ def build_predictor(params: Params, state: dict[str, Tensor], info: PredictorInf
         raise CheckpointError("the run state has no 'cluster_probe' (the CAUSE class centroids)")
     head = head_from_state(state, params)
     grid = tuple(int(v) for v in state["grid"]) if is_tr(state) else None
-    return CausePredictor(head, state["cluster_probe"], grid)
+    return CausePredictor(head, state["cluster_probe"], grid, params.feature_scale)

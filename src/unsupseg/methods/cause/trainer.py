@@ -22,10 +22,13 @@ from torch import Tensor, nn
 
 from ...engine import Dist, GeneratorState, Stage, run_stage
 from ...errors import ConfigError
+from ..kmeans import Params as KMeansParams
+from ..kmeans import spherical_kmeans
 from .bank import ConceptBank
 from .heads import MLPHead, ProjectionHead, TRHead, ema_update, make_teacher
 from .losses import (
     concept_index,
+    cosine_cluster_loss,
     draw_grid_order,
     front_door_loss,
     front_door_terms,
@@ -39,9 +42,10 @@ VARIANTS = {"cause-mlp": "mlp", "cause-tr": "tr"}
 
 
 class StoreSource:
-    """Training batches from a FeatureStore: B x D x h x w features, labels at the image size."""
+    """Training batches from a FeatureStore: B x D x h x w features (times ``scale``, see
+    Params.feature_scale), labels at the image size."""
 
-    def __init__(self, store, labelled: bool):
+    def __init__(self, store, labelled: bool, scale: float = 1.0):
         shapes = set(store.shapes)
         if len(shapes) != 1:
             raise ConfigError(
@@ -52,6 +56,7 @@ class StoreSource:
         self.dim, h, w = shapes.pop()
         self.grid = (h, w)
         self.labelled = labelled and store.label(0) is not None
+        self.scale = scale
 
     def __len__(self) -> int:
         return len(self.store)
@@ -59,7 +64,10 @@ class StoreSource:
     def load(self, batch: Tensor, shard: slice) -> tuple[Tensor, Tensor | None]:
         """Features (and labels, or None) of this rank's share ``batch[shard]`` of a global batch."""
         index = batch[shard].tolist()
-        return self.store.batch(index), self.store.labels(index) if self.labelled else None
+        features = self.store.batch(index)
+        if self.scale != 1:
+            features = features * self.scale
+        return features, self.store.labels(index) if self.labelled else None
 
 
 class WindowSource:
@@ -333,6 +341,7 @@ class ClusterModel(nn.Module):
         self.linear = probe
         self.reference = reference
         self.temperature = params.modularity_temperature
+        self.cluster_loss = params.cluster_loss
         self.grid, self.window = grid, params.grid_window
         head.requires_grad_(reference)
 
@@ -349,11 +358,35 @@ class ClusterModel(nn.Module):
                 if self.linear is not None:
                     with rng_untouched(tokens.device):
                         y = self.head(tokens)
-        loss = modularity_loss(sampled, self.centroids, self.temperature)
+        if self.cluster_loss == "cosine":
+            loss = cosine_cluster_loss(sampled, self.centroids)
+        else:
+            loss = modularity_loss(sampled, self.centroids, self.temperature)
         logits = None
         if self.linear is not None:
             logits = to_map(self.linear(y if self.reference else y.detach()), self.grid)
         return loss, logits
+
+
+@torch.no_grad()
+def seed_centroids(source, head: nn.Module, clusters: int, params: Params, generator: torch.Generator, device,
+                   max_images: int = 256) -> Tensor:
+    """k-means++ seeds (unit vectors) among the teacher's sampled outputs S(h_t(T)) of up to
+    ``max_images`` random training images, computed without dropout."""
+    training = head.training
+    head.eval()
+    index = torch.randperm(len(source), generator=generator)[: max_images]
+    samples = []
+    for chunk in index.split(params.batch_size):
+        tokens = to_tokens(source.load(chunk, slice(None))[0].to(device))
+        order = draw_grid_order(len(chunk), source.grid, generator, params.grid_window).to(device)
+        if isinstance(head, TRHead):
+            samples.append(sample_grid(head(tokens), order, source.grid, params.grid_window))
+        else:
+            samples.append(head(sample_grid(tokens, order, source.grid, params.grid_window)))
+    head.train(training)
+    x = F.normalize(torch.cat(samples).flatten(0, 1).cpu(), dim=1)
+    return spherical_kmeans(x, clusters, KMeansParams(restarts=1, iterations=0), generator).to(device)
 
 
 def cluster_stage(
@@ -361,8 +394,10 @@ def cluster_stage(
 ) -> tuple[Stage, ClusterModel]:
     source, window_state = windowed(source, isinstance(head_teacher, TRHead), params, seed * 1000 + 33)
     window, grid = params.grid_window, source.grid
-    cluster = ClusterModel(head_teacher, clusters, probe, params, grid,
-                           torch.Generator().manual_seed(seed * 1000 + 31), params.reference_step3).to(device)
+    init = torch.Generator().manual_seed(seed * 1000 + 31)
+    cluster = ClusterModel(head_teacher, clusters, probe, params, grid, init, params.reference_step3).to(device)
+    if params.cluster_init == "kmeans++":
+        cluster.centroids.data.copy_(seed_centroids(source, head_teacher, clusters, params, init, device))
     cluster.train()
     model = dist.wrap(cluster)
     lr = params.lr * params.ref_world_size
@@ -394,7 +429,7 @@ def cluster_stage(
         _clip(segment_params, params.cluster_grad_clip)
         for optimizer in optimizers:
             optimizer.step()
-        return {"loss": loss.item(), "modularity": loss_clu.item(), "probe": loss_probe.item(), "images": len(batch)}
+        return {"loss": loss.item(), "cluster": loss_clu.item(), "probe": loss_probe.item(), "images": len(batch)}
 
     state = {"cluster": cluster, "centroids_optimizer": opt_centroids, "order": GeneratorState(order_gen), **window_state}
     if opt_segment is not None:
@@ -452,8 +487,8 @@ def fit(ctx) -> dict[str, Tensor]:
     labelled = params.linear_probe and ctx.num_classes is not None
     mediator_store = ctx.features(resolution=params.mediator_resolution)
     train_store = ctx.features(resolution=params.train_resolution)
-    mediator_source = StoreSource(mediator_store, labelled=False)
-    train_source = StoreSource(train_store, labelled)
+    mediator_source = StoreSource(mediator_store, labelled=False, scale=params.feature_scale)
+    train_source = StoreSource(train_store, labelled, scale=params.feature_scale)
     window = f", TR windows of {params.tr_window} tokens" if variant == "tr" and params.tr_window else ""
     ctx.log(
         f"CAUSE-{variant.upper()}: {len(train_source)} images, token grid {train_source.grid[0]}x{train_source.grid[1]}"
