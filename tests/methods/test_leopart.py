@@ -14,7 +14,7 @@ from PIL import Image
 import unsupseg
 from unsupseg.errors import ConfigError
 from unsupseg.methods.leopart import merge
-from unsupseg.methods.leopart.clustering import assign, fit_pca, kmeans
+from unsupseg.features.clustering import assign, fit_pca, kmeans
 from unsupseg.methods.leopart.saliency import distinctiveness, gaussian_blur, mass_foreground, remove_small_components
 
 

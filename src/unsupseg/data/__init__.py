@@ -13,13 +13,11 @@ from unsupseg.data.crops import (
     prepare_crops,
     ten_crop_boxes,
 )
+from unsupseg.data.base import FileDataset, Sample, SegDataset
 from unsupseg.data.datasets import (
     DATASET_NAMES,
-    FileDataset,
     ImageFolder,
     PotsdamDataset,
-    Sample,
-    SegDataset,
     build_dataset,
 )
 from unsupseg.data.images import (

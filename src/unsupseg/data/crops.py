@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from unsupseg.data.datasets import FileDataset, SegDataset
+from unsupseg.data.base import FileDataset, SegDataset
 from unsupseg.errors import ConfigError, DataError
 
 MANIFEST_NAME = "crops.json"

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..methods.leopart.clustering import assign, fit_pca, kmeans
+from ..features.clustering import assign, fit_pca, kmeans
 from .metrics import ConfusionMatrix, score
 
 

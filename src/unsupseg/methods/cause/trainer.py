@@ -22,8 +22,7 @@ from torch import Tensor, nn
 
 from ...engine import Dist, GeneratorState, Stage, run_stage
 from ...errors import ConfigError
-from ..kmeans import Params as KMeansParams
-from ..kmeans import spherical_kmeans
+from ...features.clustering import spherical_kmeans
 from .bank import ConceptBank
 from .heads import MLPHead, ProjectionHead, TRHead, ema_update, make_teacher
 from .losses import (
@@ -386,7 +385,7 @@ def seed_centroids(source, head: nn.Module, clusters: int, params: Params, gener
             samples.append(head(sample_grid(tokens, order, source.grid, params.grid_window)))
     head.train(training)
     x = F.normalize(torch.cat(samples).flatten(0, 1).cpu(), dim=1)
-    return spherical_kmeans(x, clusters, KMeansParams(restarts=1, iterations=0), generator).to(device)
+    return spherical_kmeans(x, clusters, generator, restarts=1, iterations=0).to(device)
 
 
 def cluster_stage(

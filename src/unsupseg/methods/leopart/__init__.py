@@ -38,7 +38,7 @@ from ...errors import ConfigError, DataError
 from ...features.cache import default_cache_dir, open_or_build
 from ...features.extract import batched_forward, iter_preprocessed
 from ..base import FitContext, Predictor, PredictorInfo
-from .clustering import PCA, assign, fit_pca, kmeans
+from ...features.clustering import PCA, assign, fit_pca, kmeans
 from .merge import (
     build_graph,
     cluster_precision_scores,

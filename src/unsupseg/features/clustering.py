@@ -1,4 +1,10 @@
-"""Standardise + PCA and faiss-style k-means, in torch (Leopart's reference uses sklearn and faiss).
+"""Generic clustering tools shared by the methods and the evaluation: PCA, two k-means, token sampling.
+
+Two k-means because two references are reproduced: Leopart's (faiss, below) and the cosine k-means
+baseline (``spherical_kmeans``: k-means++ seeds, empty clusters take the worst-represented token as
+scikit-learn does, stop when the mean cosine improves less than ``tolerance``).
+
+Standardise + PCA and faiss-style k-means, in torch (Leopart's reference uses sklearn and faiss).
 
 PCA follows the reference: every dimension standardised (mean 0, population std 1; a constant
 dimension keeps scale 1, as sklearn's StandardScaler), then plain centred PCA without whitening.
@@ -143,3 +149,60 @@ def kmeans(
         if better:
             best, best_obj = centroids, objective
     return best.contiguous()
+
+
+def gather_tokens(store, max_samples: int, generator: torch.Generator) -> Tensor:
+    """Up to ``max_samples`` L2-normalised tokens drawn uniformly from all maps of ``store``."""
+    counts = torch.tensor([s[1] * s[2] for s in store.shapes])
+    total = int(counts.sum())
+    if total > max_samples:
+        chosen = torch.randperm(total, generator=generator)[:max_samples].sort().values
+    else:
+        chosen = torch.arange(total)
+    offsets = torch.cumsum(counts, 0) - counts
+    image_of = torch.searchsorted(offsets, chosen, right=True) - 1
+    tokens = []
+    for i in image_of.unique().tolist():
+        local = chosen[image_of == i] - offsets[i]
+        tokens.append(store[i].flatten(1).T[local].float())
+    return F.normalize(torch.cat(tokens), dim=1)
+
+
+def kmeans_pp(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
+    centroids = x[torch.randint(len(x), (1,), generator=generator)]
+    best = (x @ centroids.T).squeeze(1)
+    for _ in range(1, k):
+        dist = (1 - best).clamp_min(0) ** 2
+        pick = torch.multinomial(dist + 1e-12, 1, generator=generator)
+        centroids = torch.cat([centroids, x[pick]])
+        best = torch.maximum(best, (x @ x[pick].T).squeeze(1))
+    return centroids
+
+
+def spherical_kmeans(
+    x: Tensor, k: int, generator: torch.Generator, *, restarts: int, iterations: int, tolerance: float = 1e-6
+) -> Tensor:
+    """The baseline's cosine k-means (see the module docstring): best of ``restarts`` runs; returns
+    k x D unit centroids. ``x`` rows are unit vectors."""
+    best_obj, best = -float("inf"), None
+    for _ in range(restarts):
+        centroids = kmeans_pp(x, k, generator)
+        previous = -float("inf")
+        for _ in range(iterations):
+            sims = x @ centroids.T
+            objective, assign = sims.max(1)
+            sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+            empty = torch.bincount(assign, minlength=k) == 0
+            # an empty cluster takes the worst-represented token, as scikit-learn does
+            if empty.any():
+                worst = objective.argsort()[: int(empty.sum())]
+                sums[empty] = x[worst]
+            centroids = F.normalize(sums, dim=1)
+            mean_obj = float(objective.mean())
+            if mean_obj - previous < tolerance:
+                break
+            previous = mean_obj
+        final = float((x @ centroids.T).max(1).values.mean())
+        if final > best_obj:
+            best_obj, best = final, centroids
+    return best
