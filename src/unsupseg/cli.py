@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .data.download import catalogue_help as download_catalogue_help
 from .errors import UnsupsegError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Unsupervised semantic segmentation.")
@@ -230,6 +231,32 @@ def prepare_crops(
     data = ImageFolder(root) if dataset == "images" else build_dataset(dataset, str(root), split)
     do_prepare(data, kind, out_dir)
     out.print(f"crops of {len(data)} images written to {out_dir}")
+
+
+@app.command(help="Fetch, verify (checksum or archive integrity) and lay out a benchmark under --root; "
+             "resumes interrupted transfers; a complete root is checked and nothing downloaded. "
+             "Details: docs/datasets.md.\n\n" + download_catalogue_help())
+def download(
+    name: str = typer.Argument(..., help="Dataset: cocostuff27, cocostuff171, coco81, cityscapes27, voc21, potsdam3."),
+    root: Path = typer.Option(..., help="Dataset root (the --root of fit / evaluate)."),
+    mirror: Optional[str] = typer.Option(None, help="Base URL of a mirror holding the archives by file name."),
+    only: Optional[str] = typer.Option(None, help="Only the archives of: images, labels or lists."),
+    keep_archives: bool = typer.Option(False, help="Keep the downloaded archives after extraction."),
+) -> None:
+    from .data.download import download as fetch
+
+    fetch(name, root, mirror=mirror, only=only, keep_archives=keep_archives, log=out.print)
+
+
+@app.command("check-data")
+def check_data(
+    name: str = typer.Argument(..., help="Dataset name, as for `unsupseg download`."),
+    root: Path = typer.Option(..., help="Dataset root."),
+) -> None:
+    """Verify and lay out a dataset's files under --root (archives placed by hand included); never downloads."""
+    from .data.download import check_data as check
+
+    check(name, root, log=out.print)
 
 
 @app.command()
