@@ -32,6 +32,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,6 +306,7 @@ def _run(
         raise DataError(f"{key}: dataset root {root} not found; `unsupseg download {key} --root {root}` creates it")
     outcome = Outcome(key, root)
     reasons: list[str] = []
+    failures: list[str] = []
     for archive in source.archives:
         if only is not None and archive.part != only:
             continue
@@ -313,8 +315,13 @@ def _run(
         except _Unavailable as exc:
             outcome.missing.append(archive)
             reasons.append(str(exc))
-    if outcome.missing:
-        raise DataError(_missing_message(key, root, outcome.missing, reasons, fetch))
+        except DataError as exc:  # the other archives are still tried: one run reports every problem
+            failures.append(str(exc))
+    if outcome.missing or failures:
+        parts = [f"{key}: {len(failures)} file(s) failed verification:"] + [f"  - {f}" for f in failures]
+        if outcome.missing:
+            parts = (parts if failures else []) + [_missing_message(key, root, outcome.missing, reasons, fetch)]
+        raise DataError("\n".join(parts))
     if only is None:
         written = source.finish(root) if source.finish is not None else []
         for path in written:
@@ -480,10 +487,11 @@ def _hash_file(path: Path, archive: Archive) -> dict[str, str]:
     digests = {"sha256": hashlib.sha256()}
     if archive.checksum is not None and archive.checksum[0] != "sha256":
         digests[archive.checksum[0]] = hashlib.new(archive.checksum[0])
-    with open(path, "rb") as fh:
+    with open(path, "rb") as fh, _bytes_progress(f"verify {archive.file}", path.stat().st_size, 0) as advance:
         while chunk := fh.read(CHUNK):
             for digest in digests.values():
                 digest.update(chunk)
+            advance(len(chunk))
     return {name: d.hexdigest() for name, d in digests.items()} | {"bytes": str(path.stat().st_size)}
 
 
@@ -525,7 +533,9 @@ def _install(archive: Archive, path: Path, url: str, root: Path, log: Log) -> No
             sources = _resolve_moves(archive, staging)
             _check_expect(archive, sources, f"{archive.file} (extracted)")
         except DataError as exc:
-            raise DataError(f"{exc}; url {url}; archive {path} kept, remove it to download again") from exc
+            entry = _load_manifest(root)["archives"].pop(archive.file, {})
+            _forget(root, archive.file)
+            raise DataError(f"{exc}; url {url}; {_reject(path, entry.get('origin') == 'downloaded')}") from exc
         for move in archive.moves:
             dest = root / move.dest
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -542,7 +552,7 @@ def _extract(archive: Archive, path: Path, staging: Path, log: Log) -> None:
                 _check_member_name(info.filename, path)
                 try:
                     zf.extract(info, staging)  # reads the member fully: zipfile checks its CRC-32
-                except zipfile.BadZipFile as exc:
+                except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
                     raise DataError(
                         f"{path}: member {info.filename!r} is corrupt ({exc}; expected CRC-32 "
                         f"{info.CRC:08x} from the zip directory)"
@@ -639,6 +649,12 @@ def _record(root: Path, file: str, **fields) -> None:
     entry.update({k: v for k, v in fields.items() if v is not None})
     entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     atomic_write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def _forget(root: Path, file: str) -> None:
+    manifest = _load_manifest(root)
+    if manifest["archives"].pop(file, None) is not None:
+        atomic_write_text(root / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 def _missing_message(key: str, root: Path, missing: list[Archive], reasons: list[str], fetched: bool) -> str:
