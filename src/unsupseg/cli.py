@@ -14,7 +14,6 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .data.download import catalogue_help as download_catalogue_help
 from .errors import UnsupsegError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Unsupervised semantic segmentation.")
@@ -233,9 +232,15 @@ def prepare_crops(
     out.print(f"crops of {len(data)} images written to {out_dir}")
 
 
-@app.command(help="Fetch, verify (checksum or archive integrity) and lay out a benchmark under --root; "
-             "resumes interrupted transfers; a complete root is checked and nothing downloaded. "
-             "Details: docs/datasets.md.\n\n" + download_catalogue_help())
+class _CatalogueHelp(typer.core.TyperCommand):
+    def format_help(self, ctx, formatter):  # the catalogue (and the data layer) load only for --help
+        from .data.download import catalogue_help
+
+        self.help = f"{self.help}\n\n{catalogue_help()}"
+        super().format_help(ctx, formatter)
+
+
+@app.command(cls=_CatalogueHelp)
 def download(
     name: str = typer.Argument(..., help="Dataset: cocostuff27, cocostuff171, coco81, cityscapes27, voc21, potsdam3."),
     root: Path = typer.Option(..., help="Dataset root (the --root of fit / evaluate)."),
@@ -243,6 +248,8 @@ def download(
     only: Optional[str] = typer.Option(None, help="Only the archives of: images, labels or lists."),
     keep_archives: bool = typer.Option(False, help="Keep the downloaded archives after extraction."),
 ) -> None:
+    """Fetch, verify (checksum or archive integrity) and lay out a benchmark under --root; resumes
+    interrupted transfers; a complete root is checked and nothing downloaded. See docs/datasets.md."""
     from .data.download import download as fetch
 
     fetch(name, root, mirror=mirror, only=only, keep_archives=keep_archives, log=out.print)
