@@ -114,7 +114,7 @@ class Outcome:
 
 # --- catalogue ----------------------------------------------------------------------------------
 
-_COCO_MD5 = "PaddleDetection's dataset table (COCO itself publishes none; widely used)"
+_COCO_MD5 = "PaddlePaddle's detection download utility; COCO itself publishes none"
 
 
 def _voc_trainaug(root: Path) -> list[str]:
