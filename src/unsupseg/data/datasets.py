@@ -268,7 +268,7 @@ class PotsdamDataset(SegDataset):
 def build_dataset(
     name: str, root: str | os.PathLike, split: str, *, classes: Sequence[str] | None = None
 ) -> SegDataset:
-    """Open a benchmark (or custom layout) by name; see ``DATASET_NAMES`` and benchmarks.md §3.
+    """Open a benchmark (or custom layout) by name; see ``DATASET_NAMES`` and docs/datasets.md.
 
     ``classes`` only applies to ``directory`` (names of the label values 0..C-1); without it a
     directory dataset's labels are used as stored (255 → -1) and ``num_classes`` is None.

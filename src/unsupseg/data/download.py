@@ -318,7 +318,7 @@ def _run(
         except DataError as exc:  # the other archives are still tried: one run reports every problem
             failures.append(str(exc))
     if outcome.missing or failures:
-        parts = [f"{key}: {len(failures)} file(s) failed verification:"] + [f"  - {f}" for f in failures]
+        parts = [f"{key}: {len(failures)} file(s) failed:"] + [f"  - {f}" for f in failures]
         if outcome.missing:
             parts = (parts if failures else []) + [_missing_message(key, root, outcome.missing, reasons, fetch)]
         raise DataError("\n".join(parts))
@@ -361,7 +361,9 @@ def _ensure(
     elif not fetch:
         raise _Unavailable(f"not in {path.parent} ({problem})")
     elif archive.login is not None and mirror is None:
-        raise _Unavailable("the source needs a login, so it is not downloaded automatically")
+        partial = any((root / m.dest).exists() for m in archive.moves)
+        raise _Unavailable("the source needs a login, so it is not downloaded automatically"
+                           + (f" ({problem})" if partial else ""))
     else:
         outcome.bytes_downloaded += _fetch(archive, source, url, path, log)
         outcome.status[archive.file] = "downloaded"
