@@ -359,10 +359,10 @@ def _ensure(
                     bytes=int(hashes["bytes"]), sha256=hashes["sha256"], verified=_how(archive))
         outcome.status[archive.file] = "installed"
     elif not fetch:
-        raise _Unavailable(f"not in {path.parent} ({problem})")
+        raise _Unavailable(f"not in {path.parent} ({problem}); source {archive.url}")
     elif archive.login is not None and mirror is None:
         partial = any((root / m.dest).exists() for m in archive.moves)
-        raise _Unavailable("the source needs a login, so it is not downloaded automatically"
+        raise _Unavailable(f"the source needs a login, so download it by hand from {archive.url}"
                            + (f" ({problem})" if partial else ""))
     else:
         outcome.bytes_downloaded += _fetch(archive, source, url, path, log)
@@ -443,10 +443,10 @@ def _transfer(url: str, part: Path, file: str) -> int:
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and start:
             return 0  # the part file is already whole: verification decides
-        raise _Unavailable(f"{file}: {url} answered HTTP {exc.code} {exc.reason}") from exc
+        raise _Unavailable(f"{url} answered HTTP {exc.code} {exc.reason}") from exc
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise _Unavailable(f"{file}: {url} cannot be reached ({reason})") from exc
+        raise _Unavailable(f"{url} cannot be reached ({reason})") from exc
     with response:
         if start and response.status != 206:
             start = 0  # the server ignored the range: start over
@@ -663,7 +663,7 @@ def _missing_message(key: str, root: Path, missing: list[Archive], reasons: list
     downloads = root / DOWNLOADS_DIR
     lines = [f"{key}: {len(missing)} file(s) missing:"]
     for archive, reason in zip(missing, reasons):
-        lines.append(f"  - {archive.file} ({archive.size}) from {archive.url}: {reason}")
+        lines.append(f"  - {archive.file} ({archive.size}): {reason}")
     login = sorted({a.login for a in missing if a.login})
     if login:
         lines.append(f"Log in (free registration) at {login[0]} and download the file(s) by hand.")
