@@ -232,6 +232,40 @@ def prepare_crops(
     out.print(f"crops of {len(data)} images written to {out_dir}")
 
 
+class _CatalogueHelp(typer.core.TyperCommand):
+    def format_help(self, ctx, formatter):  # the catalogue (and the data layer) load only for --help
+        from .data.download import catalogue_help
+
+        self.help = f"{self.help}\n\n{catalogue_help()}"
+        super().format_help(ctx, formatter)
+
+
+@app.command(cls=_CatalogueHelp)
+def download(
+    name: str = typer.Argument(..., help="Dataset: cocostuff27, cocostuff171, coco81, cityscapes27, voc21, potsdam3."),
+    root: Path = typer.Option(..., help="Dataset root (the --root of fit / evaluate)."),
+    mirror: Optional[str] = typer.Option(None, help="Base URL of a mirror holding the archives by file name."),
+    only: Optional[str] = typer.Option(None, help="Only the archives of: images, labels or lists."),
+    keep_archives: bool = typer.Option(False, help="Keep the downloaded archives after extraction."),
+) -> None:
+    """Fetch, verify (checksum or archive integrity) and lay out a benchmark under --root; resumes
+    interrupted transfers; a complete root is checked and nothing downloaded. See docs/datasets.md."""
+    from .data.download import download as fetch
+
+    fetch(name, root, mirror=mirror, only=only, keep_archives=keep_archives, log=out.print)
+
+
+@app.command("check-data")
+def check_data(
+    name: str = typer.Argument(..., help="Dataset name, as for `unsupseg download`."),
+    root: Path = typer.Option(..., help="Dataset root."),
+) -> None:
+    """Verify and lay out a dataset's files under --root (archives placed by hand included); never downloads."""
+    from .data.download import check_data as check
+
+    check(name, root, log=out.print)
+
+
 @app.command()
 def doctor() -> None:
     """Check the installation: torch, device, backbones with weights here, optional extras."""

@@ -69,7 +69,8 @@ def test_coco_errors(tmp_path, write_rgb, write_label):
     with pytest.raises(DataError, match=re.escape(str(tmp_path / "nope")) + ".*not found"):
         build_dataset("cocostuff27", tmp_path / "nope", "val")
     expected = tmp_path / "cocostuff" / "curated" / "train2017" / "Coco164kFull_Stuff_Coarse.txt"
-    with pytest.raises(DataError, match=re.escape(str(expected)) + ".*benchmarks.md §2"):
+    # The message names what the user has: the download command and the docs, no spec file.
+    with pytest.raises(DataError, match=re.escape(str(expected)) + ".*unsupseg download cocostuff27.*docs/datasets.md"):
         build_dataset("cocostuff27", tmp_path, "train")
     with pytest.raises(ConfigError, match="split"):
         build_dataset("cocostuff27", tmp_path, "test")
@@ -137,6 +138,21 @@ def test_voc(tmp_path, write_rgb, nesting):
     assert ds.name == "voc21" and ds.ids == ids and ds.num_classes == 21
     np.testing.assert_array_equal(ds[0].label, [[0, 15, -1], [20, -1, 1]])
     assert ds.eval_preprocess(320) == Preprocess(320, "square", "nearest")
+
+
+def test_voc_trainaug_reads_aug_masks(tmp_path, write_rgb):
+    # Leopart's trainaug: ids absent from SegmentationClass, masks in SegmentationClassAug.
+    base = tmp_path / "VOCdevkit" / "VOC2012"
+    _voc_tree(base, write_rgb)
+    write_rgb(base / "JPEGImages" / "2008_000002.jpg", height=2, width=3)
+    (base / "SegmentationClassAug").mkdir()
+    Image.fromarray(np.array([[0, 7, 255], [7, 7, 0]], dtype=np.uint8)).save(
+        base / "SegmentationClassAug" / "2008_000002.png"
+    )
+    (base / "ImageSets" / "Segmentation" / "trainaug.txt").write_text("2008_000002\n")
+    ds = build_dataset("voc21", tmp_path, "trainaug")
+    assert ds.ids == ["2008_000002"]
+    np.testing.assert_array_equal(ds[0].label, [[0, 7, -1], [7, 7, 0]])
 
 
 def test_voc_missing_split_list(tmp_path, write_rgb):

