@@ -250,6 +250,10 @@ class Segmenter:
     def preprocess(self) -> Preprocess:
         return Preprocess(self.resolution, mode="short", interpolation="bilinear")
 
+    def eval_preprocess(self, data) -> Preprocess:
+        """The benchmark transform of ``data`` at this run's test resolution and image interpolation."""
+        return data.eval_preprocess(self.resolution, multiple=self.backbone.stride, interpolation=self.config.test.interpolation)
+
     # -- the test-time path, on features
     def _embed(self, features: torch.Tensor) -> torch.Tensor:
         grid = self.predictor.fixed_grid
@@ -365,7 +369,7 @@ def evaluate(
     data = build_dataset(dataset, str(root), split)
     if data.num_classes is None:
         raise ConfigError(f"dataset {dataset!r} split {split!r} has no labels to evaluate against")
-    prep = data.eval_preprocess(seg.resolution, multiple=seg.backbone.stride)
+    prep = seg.eval_preprocess(data)
     kwargs = dict(cache_dir=config.cache_dir, batch_size=config.batch_size, strict=True)
     store = extract_features(seg.backbone, data, prep, description=f"{split} features", **kwargs)
     flipped = extract_features(seg.backbone, data, prep, flip=True, description=f"{split} flipped", **kwargs) if flip else None
@@ -415,7 +419,7 @@ def evaluate_overcluster(
     data = build_dataset(dataset, str(root), split)
     if data.num_classes is None:
         raise ConfigError(f"dataset {dataset!r} split {split!r} has no labels to evaluate against")
-    prep = data.eval_preprocess(seg.resolution, multiple=seg.backbone.stride)
+    prep = seg.eval_preprocess(data)
     store = extract_features(seg.backbone, data, prep, cache_dir=seg.config.cache_dir,
                              batch_size=seg.config.batch_size, strict=True, description=f"{split} features")
     labels = [store.label(i) for i in range(len(store))]
