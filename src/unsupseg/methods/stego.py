@@ -38,6 +38,9 @@ from ..features.knn import knn_table, sample_neighbours
 from .base import FitContext, Predictor, PredictorInfo, cosine_scores
 
 
+LINEAR_PROBE = ("linear_probe.weight", "linear_probe.bias")   # on the code, see LinearProbe
+
+
 @dataclass
 class Params:
     # Names of the reference config in brackets. Defaults: the active block of its train_config.yml.
