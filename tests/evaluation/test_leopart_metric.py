@@ -34,14 +34,16 @@ def test_matches_the_reference_metric(case):
 
 
 def test_hand_computed_hungarian_on_iou():
-    # clusters x classes. Counts would match cluster 0 -> class 0 (10 pixels); IoU prefers 0 -> 1:
-    # IoU(0,0) = 10/(20+30-10) = 0.25, IoU(0,1) = 8/(20+8-8) = 0.4; cluster 1: IoU(1,0) = 20/(20+30-20) = 2/3
-    matrix = np.array([[10, 8, 2], [20, 0, 0], [0, 0, 5]])
+    # clusters x classes. Counts would match cluster 0 -> class 1 (9 + 0 + 4 = 13 pixels against 11);
+    # IoU keeps the identity: 4/20 + 3/12 + 4/11 = 0.81 against 9/23 + 0 + 4/11 = 0.76
+    matrix = np.array([[4, 9, 7], [0, 3, 0], [0, 0, 4]])
     result = leopart_score(matrix, "hungarian-iou")
-    np.testing.assert_array_equal(result.mapping, [1, 0, 2])
-    np.testing.assert_array_equal(result.tp, [20, 8, 5])
-    np.testing.assert_allclose(result.iou, [20 / 30, 8 / 20, 5 / 7])
-    assert result.pixel_accuracy == pytest.approx(33 / 45)
+    np.testing.assert_array_equal(result.mapping, [0, 1, 2])
+    np.testing.assert_array_equal(result.tp, [4, 3, 4])
+    np.testing.assert_array_equal(result.fp, [16, 0, 0])
+    np.testing.assert_array_equal(result.fn, [0, 9, 7])
+    np.testing.assert_allclose(result.iou, [4 / 20, 3 / 12, 4 / 11])
+    assert result.pixel_accuracy == pytest.approx(11 / 27)
     # a fourth cluster left unmatched goes to class 0: its class-2 pixel becomes a false positive of class 0
     result = leopart_score(np.array([[5, 0, 0], [0, 5, 0], [0, 0, 4], [3, 0, 1]]), "hungarian-iou")
     np.testing.assert_array_equal(result.mapping, [0, 1, 2, 0])
