@@ -174,7 +174,8 @@ def finetune_leopart(
     out_dir: Path = typer.Option(..., "--out", help="Folder for the fine-tuned weights and checkpoints."),
     weights: str = typer.Option("auto", help="Starting weights: auto, random or a file."),
     epochs: int = typer.Option(50, help="Epochs over the images."),
-    batch_size: int = typer.Option(32, help="Images per step (over all processes)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per step over all processes (torchrun: global). "
+                                             "Default: the reference's 2 GPUs x 32 = 64 (dino_vitb8: 2 x 16 = 32)."),
     steps: Optional[int] = typer.Option(None, help="Exact number of steps instead of epochs."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     set_: list[str] = typer.Option([], "--set", help="Override a fine-tuning parameter: --set num_prototypes=100"),

@@ -49,7 +49,7 @@ class Params:
     dropout: float = 0.1                # Dropout2d probability of every feature mask
     signal_dropout: bool = True         # correlate channel-dropped features in the loss [dropout]
     steps: int = 5000                   # [max_steps]
-    batch_size: int = 16                # images per step, all processes together
+    batch_size: int = 16                # images per step, all processes together (Ref: per GPU [batch_size])
     lr: float = 5e-4                    # head (Adam) [lr]
     linear_lr: float = 5e-3             # linear probe (Adam)
     cluster_lr: float = 5e-3            # cluster probe (Adam)
