@@ -353,14 +353,16 @@ def load(run_dir: str | os.PathLike, device: str | None = None) -> Segmenter:
 PROBES = ("clusters", "linear")
 
 
-def linear_probe_segmenter(seg: Segmenter) -> Segmenter:
+def linear_probe_segmenter(seg: Segmenter, state: dict[str, torch.Tensor] | None = None) -> Segmenter:
     """The Segmenter of a run's supervised linear probe: the method's embedding, then the probe's
-    class logits (softmax of the logits themselves: alpha 1), for scoring with the identity mapping."""
+    class logits (softmax of the logits themselves: alpha 1), for scoring with the identity mapping.
+    ``state``: the run state (default: read from the Segmenter's run directory)."""
     import dataclasses
 
     config = seg.config
     keys = getattr(get_method(config.method), "LINEAR_PROBE", None)
-    state = rundir.load(seg.path).state if seg.path is not None else {}
+    if state is None:
+        state = rundir.load(seg.path).state if seg.path is not None else {}
     if keys is None or not all(k in state for k in keys):
         has = "this method has no linear probe" if keys is None else (
             "the run holds no linear probe (it is trained only when the training data has labels)")
