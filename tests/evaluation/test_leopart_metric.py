@@ -17,6 +17,8 @@ MATCHING = {"hung": "hungarian-iou", "hungp": "hungarian-iou", "m2op": "many-to-
 def test_matches_the_reference_metric(case):
     ref = load("leopart_eval.npz")
     gt, pred = ref["gt"], ref[f"{case}_pred"]
+    assert bool(ref[f"{case}_many_to_one"]) == MATCHING[case].startswith("many")
+    assert bool(ref[f"{case}_precision_based"]) == MATCHING[case].endswith("precision")
     confusion = ConfusionMatrix(int(ref[f"{case}_num_pred"]), int(ref["num_gt"]))
     confusion.update(pred, gt)   # 255 lies outside the 6 classes: ignored, as the reference's gt != 255
     result = leopart_score(confusion, MATCHING[case])
@@ -25,7 +27,7 @@ def test_matches_the_reference_metric(case):
         np.testing.assert_array_equal(getattr(result, key), ref[f"{case}_{key}"], err_msg=key)
     np.testing.assert_array_equal(result.scores, ref[f"{case}_score"])
     assert result.background_fraction == ref[f"{case}_bg_fraction"]
-    valid = gt != 255
+    valid = gt != ref["ignore"]
     np.testing.assert_array_equal(result.mapping[pred[valid]], ref[f"{case}_reordered"])
     if case.startswith("hung"):
         np.testing.assert_array_equal(result.mapping[ref[f"{case}_match_pred"]], ref[f"{case}_match_gt"])

@@ -61,7 +61,12 @@ def test_infomap_runs_give_the_reference_modules():
 def test_sinkhorn_matches_the_reference(case):
     ref = load("leopart_sinkhorn.npz")
     assert float(ref["epsilon"]) == 0.05 and int(ref["iters"]) == 3
-    out = lf.sinkhorn(torch.from_numpy(ref[f"{case}_scores"]), epsilon=0.05, iterations=3)
+    scores = torch.from_numpy(ref[f"{case}_scores"])
+    before = scores.clone()
+    out = lf.sinkhorn(scores, epsilon=0.05, iterations=3)
     assert out.dtype == torch.float32
     # README: a float32 run deviates from the float64 values by <= 3e-7 absolute
     np.testing.assert_allclose(out.double().numpy(), ref[f"{case}_out"], rtol=0, atol=3e-7)
+    np.testing.assert_allclose(out.double().numpy(), ref[f"{case}_out32"], rtol=0, atol=3e-7)
+    # the reference rescales its Q argument in place (q_after != q); ours leaves its input alone
+    assert not np.array_equal(ref[f"{case}_q_after"], ref[f"{case}_q"]) and torch.equal(scores, before)

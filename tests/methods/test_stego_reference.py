@@ -72,7 +72,8 @@ def test_full_loss_replaying_the_reference_draws(dtype, tol):
     # the reference samples at coords.permute(0, 2, 1, 3): value (i, j) comes from coords[:, j, i]
     coords1 = torch.tensor(ref["coords1"], dtype=dtype).permute(0, 2, 1, 3)
     coords2 = torch.tensor(ref["coords2"], dtype=dtype).permute(0, 2, 1, 3)
-    np.testing.assert_array_equal(ref["coords1"], 2 * ref["rand1"] - 1)
+    np.testing.assert_array_equal(ref["coords1"], 2 * ref["rand1"] - 1)   # our random_coords: 2u - 1 too
+    np.testing.assert_array_equal(ref["coords2"], 2 * ref["rand2"] - 1)
     code, code_pos = _t(ref, "code", dtype, grad=True), _t(ref, "code_pos", dtype, grad=True)
     perms = [torch.tensor(row) for row in ref["perms"]]
     out = correlation_loss(_t(ref, "feats", dtype), _t(ref, "feats_pos", dtype), code, code_pos, coords1, coords2, perms,
