@@ -383,19 +383,21 @@ def evaluate(
     flip: bool | None = None,
     matching: str | None = None,
     probe: str = "clusters",
+    run_protocol: bool = True,
     json_path: str | os.PathLike | None = None,
 ) -> dict:
     """Score a run on a labelled split (confusion over the whole split, then matching).
 
     ``probe="linear"`` scores the run's supervised linear probe instead of its clusters (STEGO,
     CAUSE), with the identity mapping. A Leopart run fitted with ``params.protocol=reference`` is
-    scored by the reference's protocol (``evaluate_leopart_reference``).
+    scored by the reference's protocol (``evaluate_leopart_reference``) unless ``run_protocol`` is
+    False: then its predictions (as ``segment`` makes them) are scored like any run's.
     """
     seg = run if isinstance(run, Segmenter) else load(run)
     config = seg.config
     if probe not in PROBES:
         raise ConfigError(f"probe must be one of {', '.join(PROBES)}, got {probe!r}")
-    if config.method == "leopart" and _method_params(config).protocol == "reference" and probe == "clusters":
+    if run_protocol and probe == "clusters" and config.method == "leopart" and _method_params(config).protocol == "reference":
         return evaluate_leopart_reference(seg, dataset=dataset, root=root, split=split, json_path=json_path)
     crf = config.test.crf if crf is None else crf
     flip = config.test.flip if flip is None else flip
