@@ -35,11 +35,11 @@ from .data import CroppedDataset, ImageFolder, Preprocess, build_dataset, load_i
 from .data.images import DEFAULT_MAX_PIXELS
 from .engine import init_distributed
 from .errors import ConfigError, DataError
-from .evaluation.metrics import ConfusionMatrix, score
+from .evaluation.metrics import ConfusionMatrix, leopart_score, score
 from .evaluation.visualize import overlay
 from .features.extract import extract_features
 from .methods import get_method
-from .methods.base import FitContext, Predictor, PredictorInfo
+from .methods.base import FitContext, LinearProbe, Predictor, PredictorInfo
 
 __all__ = ["Segmenter", "evaluate", "fit", "load", "resolve_config", "segment"]
 
@@ -250,6 +250,10 @@ class Segmenter:
     def preprocess(self) -> Preprocess:
         return Preprocess(self.resolution, mode="short", interpolation="bilinear")
 
+    def eval_preprocess(self, data) -> Preprocess:
+        """The benchmark transform of ``data`` at this run's test resolution and image interpolation."""
+        return data.eval_preprocess(self.resolution, multiple=self.backbone.stride, interpolation=self.config.test.interpolation)
+
     # -- the test-time path, on features
     def _embed(self, features: torch.Tensor) -> torch.Tensor:
         grid = self.predictor.fixed_grid
@@ -346,6 +350,29 @@ def load(run_dir: str | os.PathLike, device: str | None = None) -> Segmenter:
 # ----------------------------------------------------------------------------- evaluate
 
 
+PROBES = ("clusters", "linear")
+
+
+def linear_probe_segmenter(seg: Segmenter, state: dict[str, torch.Tensor] | None = None) -> Segmenter:
+    """The Segmenter of a run's supervised linear probe: the method's embedding, then the probe's
+    class logits (softmax of the logits themselves: alpha 1), for scoring with the identity mapping.
+    ``state``: the run state (default: read from the Segmenter's run directory)."""
+    import dataclasses
+
+    config = seg.config
+    keys = getattr(get_method(config.method), "LINEAR_PROBE", None)
+    if state is None:
+        state = rundir.load(seg.path).state if seg.path is not None else {}
+    if keys is None or not all(k in state for k in keys):
+        has = "this method has no linear probe" if keys is None else (
+            "the run holds no linear probe (it is trained only when the training data has labels)")
+        raise ConfigError(f"--probe linear: {has}")
+    weight, bias = (state[k] for k in keys)
+    probe = LinearProbe(seg.predictor, weight, bias)
+    probe_config = dataclasses.replace(config, clusters=int(weight.shape[0]), test=dataclasses.replace(config.test, alpha=1.0))
+    return Segmenter(probe_config, seg.backbone, probe, seg.device, seg.path)
+
+
 def evaluate(
     run: str | os.PathLike | Segmenter,
     *,
@@ -355,17 +382,34 @@ def evaluate(
     crf: bool | None = None,
     flip: bool | None = None,
     matching: str | None = None,
+    probe: str = "clusters",
+    run_protocol: bool = True,
     json_path: str | os.PathLike | None = None,
 ) -> dict:
-    """Score a run on a labelled split (confusion over the whole split, then matching)."""
+    """Score a run on a labelled split (confusion over the whole split, then matching).
+
+    ``probe="linear"`` scores the run's supervised linear probe instead of its clusters (STEGO,
+    CAUSE), with the identity mapping. A Leopart run fitted with ``params.protocol=reference`` is
+    scored by the reference's protocol (``evaluate_leopart_reference``) unless ``run_protocol`` is
+    False: then its predictions (as ``segment`` makes them) are scored like any run's.
+    """
     seg = run if isinstance(run, Segmenter) else load(run)
     config = seg.config
+    if probe not in PROBES:
+        raise ConfigError(f"probe must be one of {', '.join(PROBES)}, got {probe!r}")
+    if run_protocol and probe == "clusters" and config.method == "leopart" and _method_params(config).protocol == "reference":
+        return evaluate_leopart_reference(seg, dataset=dataset, root=root, split=split, json_path=json_path)
     crf = config.test.crf if crf is None else crf
     flip = config.test.flip if flip is None else flip
     data = build_dataset(dataset, str(root), split)
     if data.num_classes is None:
         raise ConfigError(f"dataset {dataset!r} split {split!r} has no labels to evaluate against")
-    prep = data.eval_preprocess(seg.resolution, multiple=seg.backbone.stride)
+    if probe == "linear":
+        seg = linear_probe_segmenter(seg)
+        if seg.num_clusters != data.num_classes:
+            raise ConfigError(f"the linear probe predicts {seg.num_clusters} classes but {dataset} has {data.num_classes}")
+        matching = "identity"
+    prep = seg.eval_preprocess(data)
     kwargs = dict(cache_dir=config.cache_dir, batch_size=config.batch_size, strict=True)
     store = extract_features(seg.backbone, data, prep, description=f"{split} features", **kwargs)
     flipped = extract_features(seg.backbone, data, prep, flip=True, description=f"{split} flipped", **kwargs) if flip else None
@@ -385,6 +429,7 @@ def evaluate(
         "split": split,
         "crf": crf,
         "flip": flip,
+        "probe": probe,
         "num_clusters": seg.num_clusters,
         "confusion": confusion.matrix.tolist(),
         "unsupseg_version": __version__,
@@ -392,8 +437,71 @@ def evaluate(
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(report, indent=2))
     if seg.path is not None:
-        rundir.update_meta(seg.path, **{f"metrics_{dataset}_{split}{'_crf' if crf else ''}": {
-            "pixel_accuracy": report["pixel_accuracy"], "miou": report["miou"]}})
+        key = f"metrics_{dataset}_{split}{'_linear' if probe == 'linear' else ''}{'_crf' if crf else ''}"
+        rundir.update_meta(seg.path, **{key: {"pixel_accuracy": report["pixel_accuracy"], "miou": report["miou"]}})
+    return report
+
+
+def evaluate_leopart_reference(
+    run: str | os.PathLike | Segmenter,
+    *,
+    dataset: str,
+    root: str | os.PathLike,
+    split: str = "val",
+    json_path: str | os.PathLike | None = None,
+) -> dict:
+    """Leopart's fully unsupervised protocol (spec leopart.md §2.8-2.9) on a run fitted with
+    ``params.protocol=reference``: the split's labels at map_size x map_size (its own foreground
+    clusters, nearest-replicated pixels), one community table per Infomap seed, ground truth
+    nearest-resized to map_size, Leopart's IoU-based Hungarian matching; mean and population std
+    over the seeds (percent)."""
+    seg = run if isinstance(run, Segmenter) else load(run)
+    params = _method_params(seg.config)
+    if split != params.eval_split:
+        raise ConfigError(f"this run clustered {params.eval_split!r} together with its training data "
+                          f"(params.protocol=reference); evaluate --split {params.eval_split}")
+    data = build_dataset(dataset, str(root), split)
+    if data.num_classes is None:
+        raise ConfigError(f"dataset {dataset!r} split {split!r} has no labels to evaluate against")
+    prep = seg.eval_preprocess(data)
+    store = extract_features(seg.backbone, data, prep, cache_dir=seg.config.cache_dir, batch_size=seg.config.batch_size,
+                             strict=True, description=f"{split} features")
+    size = params.map_size
+    confusions = None
+    for i in track(range(len(store)), len(store), f"evaluating {dataset}/{split} (Leopart reference protocol)"):
+        maps = seg.predictor.reference_label_maps(store[i], seg.backbone.stride, size)
+        label = F.interpolate(store.label(i)[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
+        if confusions is None:
+            confusions = [ConfusionMatrix(seg.num_clusters, data.num_classes) for _ in range(len(maps))]
+        for confusion, labels in zip(confusions, maps):
+            confusion.update(labels, label)
+    runs = [leopart_score(c, "hungarian-iou") for c in confusions]
+    miou = np.array([100 * r.miou for r in runs])
+    accuracy = np.array([100 * r.pixel_accuracy for r in runs])
+    report = {
+        "protocol": "leopart-reference",
+        "matching": "hungarian-iou",
+        "map_size": size,
+        "dataset": dataset,
+        "split": split,
+        "n_images": len(store),
+        "num_clusters": seg.num_clusters,
+        "seeds": list(range(1, len(runs) + 1)),
+        "miou": float(miou.mean()),
+        "miou_std": float(miou.std()),
+        "pixel_accuracy": float(accuracy.mean()),
+        "pixel_accuracy_std": float(accuracy.std()),
+        "per_seed": [{"seed": k + 1, "miou": float(m), "pixel_accuracy": float(a)}
+                     for k, (m, a) in enumerate(zip(miou, accuracy))],
+        "per_class_iou": {name: round(float(100 * np.mean([r.iou[c] for r in runs])), 4)
+                          for c, name in enumerate(data.classes)},
+        "unsupseg_version": __version__,
+    }
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(report, indent=2))
+    if seg.path is not None:
+        rundir.update_meta(seg.path, **{f"metrics_{dataset}_{split}_reference": {
+            "pixel_accuracy": report["pixel_accuracy"], "miou": report["miou"], "miou_std": report["miou_std"]}})
     return report
 
 
@@ -415,7 +523,7 @@ def evaluate_overcluster(
     data = build_dataset(dataset, str(root), split)
     if data.num_classes is None:
         raise ConfigError(f"dataset {dataset!r} split {split!r} has no labels to evaluate against")
-    prep = data.eval_preprocess(seg.resolution, multiple=seg.backbone.stride)
+    prep = seg.eval_preprocess(data)
     store = extract_features(seg.backbone, data, prep, cache_dir=seg.config.cache_dir,
                              batch_size=seg.config.batch_size, strict=True, description=f"{split} features")
     labels = [store.label(i) for i in range(len(store))]

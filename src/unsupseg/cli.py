@@ -49,6 +49,20 @@ def print_scores(report: dict, title: str) -> None:
     )
 
 
+def print_seed_scores(report: dict, title: str) -> None:
+    table = Table(title=title)
+    for col in ("Infomap seed", "mIoU %", "pixel accuracy %"):
+        table.add_column(col, justify="right")
+    for run in report["per_seed"]:
+        table.add_row(str(run["seed"]), f"{run['miou']:.1f}", f"{run['pixel_accuracy']:.1f}")
+    table.add_section()
+    table.add_row("[bold]mean ± std", f"[bold]{report['miou']:.1f} ± {report['miou_std']:.1f}",
+                  f"[bold]{report['pixel_accuracy']:.1f} ± {report['pixel_accuracy_std']:.1f}")
+    out.print(table)
+    out.print(f"{report['n_images']} images at {report['map_size']} x {report['map_size']}, {report['num_clusters']} labels, "
+              f"matching {report['matching']} (Leopart's PredsmIoU)")
+
+
 @app.command()
 def fit(
     run_dir: Path = typer.Option(..., "--out", help="Run directory to write (resumes an interrupted fit)."),
@@ -104,8 +118,13 @@ def evaluate(
     overcluster: list[int] = typer.Option([], help="Over-clustering protocol instead: k-means with K clusters "
                                            "on the split's backbone features, many-to-one matching (repeatable)."),
     seeds: int = typer.Option(5, help="Over-clustering: number of k-means seeds averaged."),
+    probe: str = typer.Option("clusters", help="clusters (the unsupervised prediction), or linear: the run's "
+                              "supervised linear probe (STEGO, CAUSE), identity mapping."),
 ) -> None:
-    """Score a run on a labelled split (Hungarian matching), or over-cluster its features."""
+    """Score a run on a labelled split (Hungarian matching), or over-cluster its features.
+
+    A Leopart run fitted with params.protocol=reference is scored by the reference's protocol
+    (mean and std over its Infomap seeds)."""
     if overcluster:
         from .api import evaluate_overcluster
 
@@ -121,8 +140,12 @@ def evaluate(
         return
     from .api import evaluate as api_evaluate
 
-    report = api_evaluate(run_dir, dataset=dataset, root=root, split=split, crf=crf, flip=flip, json_path=json_path)
-    print_scores(report, f"{run_dir} on {dataset}/{split}")
+    report = api_evaluate(run_dir, dataset=dataset, root=root, split=split, crf=crf, flip=flip, probe=probe,
+                          json_path=json_path)
+    if report.get("protocol") == "leopart-reference":
+        print_seed_scores(report, f"{run_dir} on {dataset}/{split}, Leopart reference protocol")
+        return
+    print_scores(report, f"{run_dir} on {dataset}/{split}" + (" (linear probe)" if probe == "linear" else ""))
 
 
 @app.command()
@@ -151,7 +174,8 @@ def finetune_leopart(
     out_dir: Path = typer.Option(..., "--out", help="Folder for the fine-tuned weights and checkpoints."),
     weights: str = typer.Option("auto", help="Starting weights: auto, random or a file."),
     epochs: int = typer.Option(50, help="Epochs over the images."),
-    batch_size: int = typer.Option(32, help="Images per step (over all processes)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per step over all processes (torchrun: global). "
+                                             "Default: the reference's 2 GPUs x 32 = 64 (dino_vitb8: 2 x 16 = 32)."),
     steps: Optional[int] = typer.Option(None, help="Exact number of steps instead of epochs."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     set_: list[str] = typer.Option([], "--set", help="Override a fine-tuning parameter: --set num_prototypes=100"),

@@ -46,6 +46,7 @@ class DataConfig:
 @dataclass
 class TestConfig:
     resolution: int | None = None  # None: the training resolution
+    interpolation: str | None = None  # image resize of evaluate; None: the dataset's protocol (labels: nearest)
     flip: bool = True              # horizontal flip averaging
     crf: bool = False              # dense CRF on by default where the method's spec uses it
     alpha: float = 3.0             # CRF unary = log_softmax(alpha * cosine scores)

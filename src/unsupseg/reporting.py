@@ -84,8 +84,9 @@ def build_report(
     metrics = None
     if bench is not None:
         log(f"evaluating on {bench[0]}/{bench[2]} ({len(data)} images) for the metrics section")
-        metrics = evaluate(seg, dataset=bench[0], root=bench[1], split=bench[2], crf=crf)
-        prep = data.eval_preprocess(seg.resolution, multiple=seg.backbone.stride)   # as evaluate scores
+        # the predictions shown are scored, even for a run whose own protocol scores otherwise
+        metrics = evaluate(seg, dataset=bench[0], root=bench[1], split=bench[2], crf=crf, run_protocol=False)
+        prep = seg.eval_preprocess(data)   # as evaluate scores
     else:
         prep = seg.preprocess()   # as segment/predict see a photo
 

@@ -108,12 +108,33 @@ def test_mae_model_key(tmp_path, random_timm, reference_features, images):
     _check_loads_like("mae_vitb16", path, reference, reference_features, (48, 80), images)
 
 
-def test_leopart_checkpoint_uses_the_student(tmp_path, random_timm, reference_features, images):
+def _leopart_released(vit_state: dict, dim: int) -> dict:
+    """The layout of leopart_vits16.ckpt / leopart_vitb8.ckpt: one flat dict, the student ViT under
+    "model.", its projection head and prototypes under "model." too."""
+    state = {f"model.{k}": v for k, v in vit_state.items()}
+    for i, (out, inp) in enumerate(((2048, dim), (2048, 2048), (256, 2048))):
+        state[f"model.projection_head.{2 * i}.weight"] = torch.zeros(out, inp)
+        state[f"model.projection_head.{2 * i}.bias"] = torch.zeros(out)
+    state["model.prototypes.weight"] = torch.zeros(300, 256)
+    return state
+
+
+@pytest.mark.parametrize(("name", "arch", "dim"), [("dino_vits16", "vit_small_patch16_224", 384),
+                                                   ("dino_vitb8", "vit_base_patch8_224", 768)])
+def test_leopart_released_checkpoint_loads_like_plain_dino(tmp_path, random_timm, reference_features, images, name, arch, dim):
+    reference = random_timm(arch)
+    path = _save(_leopart_released(reference.state_dict(), dim), tmp_path / "leopart.ckpt")
+    released = _check_loads_like(name, path, reference, reference_features, (48, 80), images)
+    plain = build_backbone(name, weights=_save(reference.state_dict(), tmp_path / "plain.pth"))
+    x = images(48, 80)
+    assert torch.equal(released(x), plain(x))
+
+
+def test_leopart_training_checkpoint_uses_the_student(tmp_path, random_timm, reference_features, images):
     reference = random_timm("vit_small_patch16_224")
-    state = {f"model.{k}": v for k, v in reference.state_dict().items()}
+    state = _leopart_released(reference.state_dict(), 384)
     state.update({f"teacher.{k}": v for k, v in _noisy(reference.state_dict(), 3).items()})
-    state.update({"projection_head.0.weight": torch.zeros(2048, 384), "prototypes.weight": torch.zeros(300, 256)})
-    path = _save({"state_dict": state, "epoch": 50, "global_step": 1000}, tmp_path / "leopart_vits16.ckpt")
+    path = _save({"state_dict": state, "epoch": 50, "global_step": 1000}, tmp_path / "last.ckpt")
     _check_loads_like("dino_vits16", path, reference, reference_features, (48, 80), images)
 
 

@@ -138,6 +138,24 @@ def test_voc(tmp_path, write_rgb, nesting):
     assert ds.name == "voc21" and ds.ids == ids and ds.num_classes == 21
     np.testing.assert_array_equal(ds[0].label, [[0, 15, -1], [20, -1, 1]])
     assert ds.eval_preprocess(320) == Preprocess(320, "square", "nearest")
+    assert ds.eval_preprocess(448, 16, "bilinear") == Preprocess(448, "square", "bilinear", 16)
+
+
+def test_leopart_voc_evaluation_resizes_images_bilinear_and_labels_nearest(tmp_path, write_rgb):
+    # spec leopart.md §2.1: the Leopart run's evaluation squashes images bilinearly, labels nearest
+    from unsupseg.api import resolve_config
+
+    _voc_tree(tmp_path / "VOCdevkit" / "VOC2012", write_rgb)
+    ds = build_dataset("voc21", tmp_path, "val")
+    interpolation = resolve_config("leopart", preset="voc21").test.interpolation
+    prep = ds.eval_preprocess(4, interpolation=interpolation)
+    assert prep == Preprocess(4, "square", "bilinear")
+    image, label = prep.apply(ds[0].image, ds[0].label)
+    # 3 -> 4 columns, 2 -> 4 rows: nearest repeats label pixels, never mixes ids
+    np.testing.assert_array_equal(label.numpy(), [[0, 15, 15, -1], [0, 15, 15, -1], [20, -1, -1, 1], [20, -1, -1, 1]])
+    expected = np.asarray(ds[0].image.resize((4, 4), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
+    np.testing.assert_array_equal((image.numpy() * 255).round(), expected)
+    assert not np.array_equal(expected, np.asarray(ds[0].image.resize((4, 4), Image.Resampling.NEAREST)).transpose(2, 0, 1))
 
 
 def test_voc_trainaug_reads_aug_masks(tmp_path, write_rgb):

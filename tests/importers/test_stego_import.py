@@ -46,7 +46,8 @@ def lightning_module(monkeypatch):
     return ModelCheckpoint
 
 
-def _checkpoint(path, vit, lightning_module, extra=None):
+def _checkpoint(path, vit, lightning_module, extra=None, classes=C):
+    C = classes   # noqa: N806 (the probes' class count)
     gen = torch.Generator().manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, generator=gen)   # noqa: E731
     state = {f"net.model.{k}": v.clone() for k, v in vit.encoder.model.state_dict().items()}
@@ -151,3 +152,69 @@ def test_files_that_are_not_checkpoints_are_refused(tmp_path):
         read_lightning_checkpoint(tmp_path / "junk.ckpt")
     with pytest.raises(CheckpointError, match="does not exist"):
         read_lightning_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_evaluate_scores_the_imported_linear_probe(tmp_path, vit, lightning_module):
+    """`evaluate --probe linear`: code -> flip average -> bilinear upsampling -> linear probe -> argmax,
+    scored with the identity mapping (no Hungarian), as STEGO's linear numbers."""
+    import json
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from tests.methods.test_leopart import _camvid_tree
+    from unsupseg.cli import app
+    from unsupseg.data import build_dataset
+
+    from unsupseg.config import dump_yaml, to_dict
+
+    state = _checkpoint(tmp_path / "s.ckpt", vit, lightning_module, classes=11)
+    out = import_stego(tmp_path / "s.ckpt", tmp_path / "run")
+    config = api.rundir.load(out).config
+    config.test.resolution = 48   # the released 320 makes a ViT-S/8 slow on a CPU; the path is the same
+    (out / "config.yaml").write_text(dump_yaml(to_dict(config)))
+    root = _camvid_tree(tmp_path / "camvid", counts=(("val", 2),), size=(32, 48))
+    result = CliRunner().invoke(app, ["evaluate", str(out), "--dataset", "camvid", "--root", str(root), "--split", "val",
+                                      "--probe", "linear", "--no-crf", "--json", str(tmp_path / "linear.json")])
+    assert result.exit_code == 0, result.output
+    assert "linear probe" in result.output and "matching identity" in result.output
+    report = json.loads((tmp_path / "linear.json").read_text())
+
+    def conv(x, key):
+        return F.conv2d(x, state[f"{key}.weight"], state[f"{key}.bias"])
+
+    def code(tokens):
+        return conv(tokens, "net.cluster1.0") + conv(F.relu(conv(tokens, "net.cluster2.0")), "net.cluster2.2")
+
+    confusion = np.zeros((11, 11), dtype=np.int64)
+    data = build_dataset("camvid", root, "val")
+    for i in range(len(data)):
+        image, label = data.eval_preprocess(48, multiple=8).apply(data[i].image, data[i].label)
+        x = image[None]
+        c = (code(vit(x)) + code(vit(x.flip(-1))).flip(-1)) / 2
+        c = F.interpolate(c, size=label.shape, mode="bilinear", align_corners=False)
+        pred = conv(c, "linear_probe").argmax(1)[0]
+        valid = label >= 0
+        np.add.at(confusion, (pred[valid].numpy(), label[valid].numpy()), 1)
+    tp = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    iou = tp[union > 0] / union[union > 0]
+    assert report["matching"] == "identity" and report["probe"] == "linear" and report["num_clusters"] == 11
+    # float32 logits summed in another order (einsum vs conv2d) may flip a near-tie pixel or two
+    assert np.abs(np.array(report["confusion"]) - confusion).sum() <= 1e-4 * confusion.sum()
+    assert report["miou"] == pytest.approx(100 * iou.mean(), abs=0.01)
+    assert report["pixel_accuracy"] == pytest.approx(100 * tp.sum() / confusion.sum(), abs=0.01)
+
+
+def test_linear_probe_needs_one(tmp_path, vit, lightning_module):
+    from unsupseg.errors import ConfigError
+
+    _checkpoint(tmp_path / "s.ckpt", vit, lightning_module)   # 4 classes: not CamVid's 11
+    out = import_stego(tmp_path / "s.ckpt", tmp_path / "run")
+    from tests.methods.test_leopart import _camvid_tree
+
+    root = _camvid_tree(tmp_path / "camvid", counts=(("val", 1),), size=(32, 48))
+    with pytest.raises(ConfigError, match="4 classes"):
+        api.evaluate(out, dataset="camvid", root=root, split="val", probe="linear", crf=False)
+    with pytest.raises(ConfigError, match="probe must be"):
+        api.evaluate(out, dataset="camvid", root=root, split="val", probe="cluster")

@@ -279,3 +279,110 @@ def test_reference_threshold_needs_labels(tmp_path):
     with pytest.raises(ConfigError, match="labelled"):
         unsupseg.fit("leopart", out=tmp_path / "run", images=images, backbone="efficientnet_lite0",
                      backbone_weights="random", clusters=3, overrides=overrides, log=lambda msg: None)
+
+
+# ----------------------------------------------------------------------------- protocol: reference
+
+
+def _camvid_tree(root, counts=(("train", 6), ("val", 4)), size=(72, 96)):
+    """A CamVid-layout dataset: sky (class 0) above road (3), a car (8) somewhere on the road."""
+    rng = np.random.default_rng(1)
+    for split, count in counts:
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        for i in range(count):
+            img = np.zeros((*size, 3), np.uint8)
+            label = np.zeros(size, np.uint8)
+            img[size[0] // 2 :] = (90, 90, 90)
+            label[size[0] // 2 :] = 3
+            img[: size[0] // 2] = (40, 90, 200)
+            y, x = rng.integers(40, 50), rng.integers(10, 60)
+            img[y : y + 16, x : x + 24] = (200, 30, 30)
+            label[y : y + 16, x : x + 24] = 8
+            img = np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / split / f"{split}{i}.png")
+            Image.fromarray(label).save(root / f"{split}annot" / f"{split}{i}.png")
+    return root
+
+
+def _reference_fit(tmp_path, *extra):
+    root = _camvid_tree(tmp_path / "camvid")
+    overrides = [f"cache_dir={tmp_path / 'cache'}", "data.resolution=64", "params.k_fg=8", "params.k_cd=6",
+                 "params.weight_threshold=0.01", "params.kmeans_restarts=2", "params.map_size=16",
+                 "params.protocol=reference", "params.runs=3", "params.foreground=cbfe", "params.saliency=distinctiveness",
+                 "params.cbfe_threshold=0.3", *extra]
+    unsupseg.fit("leopart", out=tmp_path / "run", dataset="camvid", root=root, backbone="efficientnet_lite0",
+                 backbone_weights="random", clusters=3, overrides=overrides, log=lambda msg: None)
+    return root, unsupseg.load(tmp_path / "run")
+
+
+def test_reference_protocol_is_transductive_and_scores_every_seed(tmp_path):
+    from unsupseg.data import Preprocess, build_dataset
+    from unsupseg.features.extract import extract_features
+
+    root, seg = _reference_fit(tmp_path)
+    predictor = seg.predictor
+    # PCA standardised over the tokens of train AND val (the reference pools both splits)
+    prep = build_dataset("camvid", root, "val").eval_preprocess(64, multiple=seg.backbone.stride)
+    stores = [extract_features(seg.backbone, build_dataset("camvid", root, split), prep if split == "val" else
+                               Preprocess(64, "short", "bilinear", seg.backbone.stride), cache_dir=tmp_path / "cache")
+              for split in ("train", "val")]
+    tokens = torch.cat([s[i].flatten(1).T for s in stores for i in range(len(s))]).double()
+    torch.testing.assert_close(predictor.pca_mean.double(), tokens.mean(0), rtol=1e-5, atol=1e-5)
+    # one community table per Infomap seed: 20 + 1 convention, ids 0 .. clusters-1
+    assert predictor.community_runs.shape == (3, 7) and int(predictor.community_runs.max()) <= 2
+    assert predictor.fg_clusters_eval.shape == (8,)
+
+    report = unsupseg.evaluate(seg, dataset="camvid", root=root, split="val")
+    assert report["protocol"] == "leopart-reference" and report["seeds"] == [1, 2, 3] and report["map_size"] == 16
+    mious = [r["miou"] for r in report["per_seed"]]
+    assert report["miou"] == pytest.approx(np.mean(mious)) and report["miou_std"] == pytest.approx(np.std(mious))
+    assert all(0 <= m <= 100 for m in mious)
+    with pytest.raises(ConfigError, match="--split val"):
+        unsupseg.evaluate(seg, dataset="camvid", root=root, split="train")
+    # the run still segments new images (first seed's communities), scored like any run on request
+    plain = unsupseg.evaluate(seg, dataset="camvid", root=root, split="val", run_protocol=False, flip=False)
+    assert plain["matching"] == "hungarian" and len(plain["mapping"]) == 3
+
+
+def test_reference_label_map_uses_each_split_foreground_and_the_input_round_trip():
+    from unsupseg.features.clustering import PCA
+    from unsupseg.methods.leopart import reference_label_map
+
+    pca = PCA(torch.zeros(2), torch.ones(2), torch.eye(2))
+    fg_centroids = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    cd_centroids = torch.tensor([[1.0, 0.0], [5.0, 0.0]])
+    # 1 x 3 tokens: +x near (fg, cd 0), +x far (fg, cd 1), +y (cluster 1)
+    features = torch.tensor([[1.0, 5.0, 0.0], [0.0, 0.0, 3.0]]).reshape(2, 1, 3)
+    # cd labels at 4 x 4: tokens 0, 0, 1, 2 -> cd 0, 0, 1, 0. The fg mask (tokens 0, 0, 1, 2 too) goes
+    # through the 2 x 6 input and back, as the reference's stored masks: 4 -> 6 repeats columns
+    # 0, 0, 1, 2, 2, 3 and 6 -> 4 takes 0, 1, 3, 4, so the mask's columns become 0, 0, 2, 2
+    only_x = reference_label_map(pca, fg_centroids, torch.tensor([True, False]), cd_centroids, features, 2, 4)
+    assert only_x.tolist() == [[0, 0, 1, 0]] * 4        # column 3 takes column 2's foreground
+    only_y = reference_label_map(pca, fg_centroids, torch.tensor([False, True]), cd_centroids, features, 2, 4)
+    assert only_y.tolist() == [[2, 2, 2, 2]] * 4        # the last column's foreground is lost on the way
+    everything = reference_label_map(pca, torch.zeros(0, 2), torch.zeros(0, dtype=torch.bool), cd_centroids, features, 2, 4)
+    assert everything.tolist() == [[0, 0, 1, 0]] * 4
+
+
+def test_precomputed_saliency_files(tmp_path):
+    from unsupseg.errors import DataError
+    from unsupseg.methods.leopart import precomputed_foreground
+
+    masks = torch.zeros(2, 1, 8, 8)
+    masks[0, 0, :4] = 1
+    torch.save(masks, tmp_path / "attn_dino_val.pt")
+    loaded = precomputed_foreground(tmp_path, "val", 2)
+    assert len(loaded) == 2 and loaded[0].dtype == torch.bool and int(loaded[0].sum()) == 32 and not loaded[1].any()
+    with pytest.raises(DataError, match="3 images"):
+        precomputed_foreground(tmp_path, "val", 3)
+    with pytest.raises(DataError, match="attn_dino_train.pt"):
+        precomputed_foreground(tmp_path, "train", 2)
+
+
+def test_vitb8_preset_has_the_reference_values():
+    # leopart.md §2.10 / the reference README: Leopart ViT-B/8 uses K_cd 109, markov time 0.4, wt 0.07
+    config = unsupseg.resolve_config("leopart", preset="voc21-vitb8")
+    assert config.backbone.name == "dino_vitb8" and config.clusters == 21 and config.test.interpolation == "bilinear"
+    assert (config.params["k_cd"], config.params["markov_time"], config.params["weight_threshold"]) == (109, 0.4, 0.07)
+    assert config.params["protocol"] == "label-free"

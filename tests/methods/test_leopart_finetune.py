@@ -297,3 +297,12 @@ def test_finetune_rejects_bad_settings(tmp_path):
         lf.finetune("dino_vits16", images, tmp_path / "o", weights="random", batch_size=4, device="cpu")
     with pytest.raises(ConfigError, match="unknown config key"):
         lf.finetune("dino_vits16", images, tmp_path / "o", weights="random", batch_size=2, prototypes=3)
+
+
+def test_default_batch_is_the_reference_effective_batch(tmp_path):
+    # the reference trains on 2 GPUs: 32 images each for ViT-S/16 (train_coco_config), 16 for ViT-B/8
+    assert lf.reference_batch_size("dino_vits16") == 64
+    assert lf.reference_batch_size("dino_vitb8") == 32
+    images = _images(tmp_path / "img", 2)
+    with pytest.raises(ConfigError, match="batch_size 64 is larger"):
+        lf.finetune("dino_vits16", images, tmp_path / "o", weights="random", device="cpu")

@@ -40,6 +40,9 @@ _CONTAINER_KEYS = ("teacher", "target_encoder", "state_dict", "model", "module")
 # Key prefixes in front of the backbone: DINO's MultiCropWrapper ("backbone." beside "head."),
 # unsupseg's own Backbone / ViTEncoder and Leopart ("model." beside heads, prototypes and "teacher.").
 _BACKBONE_PREFIXES = ("backbone.", "encoder.model.", "model.")
+# Beside the ViT under "model.", Leopart's released files keep the projection head and the prototypes
+# (model.projection_head.*, model.prototypes.weight); no ViT has parameters of these names.
+_HEAD_PREFIXES = ("projection_head.", "prototypes.")
 _HF_FILES = ("model.safetensors", "pytorch_model.bin")
 _CONNECT_TIMEOUT_S = 3.0
 
@@ -112,8 +115,9 @@ def select_backbone_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     state = {k.removeprefix("module."): v for k, v in state.items()}
     for prefix in _BACKBONE_PREFIXES:
         if any(k.startswith(prefix) for k in state):
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return state
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    return {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
 
 
 # ---------------------------------------------------------------- loading

@@ -90,10 +90,13 @@ class SegDataset:
             digest.update(entry.encode("utf-8", "surrogateescape") + b"\n")
         return digest.hexdigest()
 
-    def eval_preprocess(self, resolution: int, multiple: int = 1) -> Preprocess:
-        """The test-time transform of this dataset's benchmark protocol (benchmarks.md §5.3)."""
-        mode, interpolation = self.eval_transform
-        return Preprocess(resolution, mode, interpolation, multiple)
+    def eval_preprocess(self, resolution: int, multiple: int = 1, interpolation: str | None = None) -> Preprocess:
+        """The test-time transform of this dataset's benchmark protocol (benchmarks.md §5.3).
+
+        ``interpolation`` replaces the protocol's image interpolation (labels are always resized
+        nearest): VOC is squashed with nearest for CAUSE, but bilinear for Leopart."""
+        mode, default = self.eval_transform
+        return Preprocess(resolution, mode, interpolation or default, multiple)
 
     def train_preprocess(self, resolution: int, multiple: int = 1) -> Preprocess:
         """The train-time transform of this dataset's benchmark protocol (benchmarks.md §5.2)."""

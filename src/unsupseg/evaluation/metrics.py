@@ -3,6 +3,10 @@
 A K x C confusion matrix (rows = predicted cluster, columns = true class) is accumulated over the
 whole split, then matched once: Hungarian one-to-one when every cluster can get its own class,
 many-to-one by majority (precision) for over-clustering, or the identity for linear probes.
+
+``leopart_score`` is Leopart's own metric (its ``PredsmIoU``), for reproducing its protocol: matching
+on IoU or precision scores instead of pixel counts, unmatched clusters mapped to class 0, and every
+class in the mean (IoU 0 where a class has no pixel).
 """
 
 from __future__ import annotations
@@ -127,4 +131,59 @@ def score(confusion: ConfusionMatrix | np.ndarray, matching: str = "hungarian") 
         mapping=[int(m) for m in mapping],
         matched_confusion=matched,
         matching=matching,
+    )
+
+
+LEOPART_MATCHINGS = ("hungarian-iou", "many-to-one-precision", "many-to-one-iou")
+
+
+@dataclass
+class LeopartScores:
+    miou: float                    # fraction, mean over all classes
+    pixel_accuracy: float          # fraction
+    iou: np.ndarray                # C: tp / max(tp + fp + fn, 1e-8)
+    tp: np.ndarray                 # C
+    fp: np.ndarray                 # C
+    fn: np.ndarray                 # C
+    mapping: np.ndarray            # K: class of each cluster (unmatched clusters: class 0)
+    scores: np.ndarray             # C x K: IoU (or precision) of class c with cluster k
+    background_fraction: float     # Hungarian: 1 / C; many-to-one: share of the clusters mapped to class 0
+
+
+def leopart_score(confusion: ConfusionMatrix | np.ndarray, matching: str = "hungarian-iou") -> LeopartScores:
+    """Leopart's PredsmIoU on a K x C confusion matrix (spec leopart.md §2.9, §3.2).
+
+    ``hungarian-iou``: linear_sum_assignment on 1 - IoU (classes x clusters), clusters left without a
+    class go to class 0. ``many-to-one-*``: each cluster to the class of its highest precision / IoU
+    (ties: lowest class).
+    """
+    matrix = confusion.matrix if isinstance(confusion, ConfusionMatrix) else np.asarray(confusion, dtype=np.int64)
+    num_clusters, num_classes = matrix.shape
+    tp_ck = matrix.T.astype(np.float64)                       # C x K overlaps
+    cluster_size = matrix.sum(axis=1).astype(np.float64)[None, :]
+    class_size = matrix.sum(axis=0).astype(np.float64)[:, None]
+    if matching == "many-to-one-precision":
+        scores = tp_ck / np.maximum(cluster_size, 1e-8)
+    elif matching in ("hungarian-iou", "many-to-one-iou"):
+        scores = tp_ck / np.maximum(cluster_size + class_size - tp_ck, 1e-8)
+    else:
+        raise ConfigError(f"unknown matching {matching!r}; choose one of {', '.join(LEOPART_MATCHINGS)}")
+    if matching == "hungarian-iou":
+        classes, clusters = linear_sum_assignment(1 - scores)
+        mapping = np.zeros(num_clusters, dtype=np.int64)
+        mapping[clusters] = classes
+        background = 1 / num_classes
+    else:
+        mapping = np.argmax(scores, axis=0).astype(np.int64)
+        background = float((mapping == 0).sum()) / num_clusters
+    matched = np.zeros((num_classes, num_classes), dtype=np.int64)    # rows: predicted class
+    np.add.at(matched, mapping, matrix)
+    tp = np.diag(matched).copy()
+    fp = matched.sum(axis=1) - tp
+    fn = matched.sum(axis=0) - tp
+    iou = tp / np.maximum((tp + fp + fn).astype(np.float64), 1e-8)
+    total = matrix.sum()
+    return LeopartScores(
+        miou=float(iou.mean()), pixel_accuracy=float(tp.sum() / total) if total else float("nan"), iou=iou,
+        tp=tp, fp=fp, fn=fn, mapping=mapping, scores=scores, background_fraction=background,
     )

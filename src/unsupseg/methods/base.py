@@ -4,6 +4,8 @@ A method module exposes:
   ``Params``                       its typed config dataclass (the ``params:`` section of a run config)
   ``fit(ctx: FitContext) -> dict``  train and return its state (tensors only), saved as safetensors
   ``build_predictor(params, state, ctx_info: PredictorInfo) -> Predictor``
+and, when it trains a supervised linear probe on its embedding (scored by ``evaluate --probe linear``),
+  ``LINEAR_PROBE``                 the (weight, bias) keys of that probe in the run state
 The Segmenter (api layer) does flip averaging, tiling, upsampling, CRF and argmax around
 ``Predictor.embed`` and ``Predictor.classify``.
 """
@@ -75,3 +77,21 @@ def cosine_scores(embedding: torch.Tensor, centroids: torch.Tensor) -> torch.Ten
     emb = nn.functional.normalize(embedding, dim=1)
     cen = nn.functional.normalize(centroids, dim=1)
     return torch.einsum("brhw,cr->bchw", emb, cen)
+
+
+class LinearProbe(Predictor):
+    """A run's supervised linear probe: the method's embedding, then a 1x1 layer to class logits
+    (``weight`` C x r, or a C x r x 1 x 1 convolution weight)."""
+
+    def __init__(self, predictor: Predictor, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.inner = predictor
+        self.fixed_grid = predictor.fixed_grid
+        self.register_buffer("weight", weight.reshape(weight.shape[0], -1).float())
+        self.register_buffer("bias", bias.float())
+
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        return self.inner.embed(features)
+
+    def classify(self, embedding: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("brhw,cr->bchw", embedding, self.weight) + self.bias[None, :, None, None]

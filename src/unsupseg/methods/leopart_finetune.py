@@ -10,7 +10,11 @@ teacher's attention foreground (§1.4, §1.6-1.7). AdamW with cosine LR / WD / E
 weights=that_file)`` turns it into a frozen backbone for any method. Resumable: checkpoints go to
 ``<out>/checkpoints/`` and an interrupted run with the same settings continues where it stopped.
 Distributed under torchrun (the student is DDP-wrapped, Sinkhorn sums are all-reduced); ``batch_size``
-is the number of images per step over all processes.
+is the number of images per step over all processes. Its default is the reference's effective batch
+(32 images on each of 2 GPUs for ViT-S/16, 16 on each of 2 for ViT-B/8): one process with 64 (32)
+images steps like the reference's two, since Sinkhorn, the queue (8192 rows in all) and the
+schedules all see the global batch. Under ``torchrun --nproc_per_node N`` keep batch_size at the
+global number (each process gets batch_size / N).
 """
 
 from __future__ import annotations
@@ -527,13 +531,23 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool, weights_file: Path)
     atomic_write_text(out / CONFIG, dump_yaml(settings))
 
 
+# the reference's images per step over its 2 GPUs (train_coco_config: 32 each; ViT-B/8 config: 16 each)
+REFERENCE_BATCH = {"dino_vitb8": 2 * 16}
+DEFAULT_BATCH = 2 * 32
+
+
+def reference_batch_size(backbone: str) -> int:
+    """The reference's effective (all-GPU) batch for ``backbone``."""
+    return REFERENCE_BATCH.get(backbone, DEFAULT_BATCH)
+
+
 def finetune(
     backbone: str,
     images: str | os.PathLike,
     out: str | os.PathLike,
     weights: str = "auto",
     epochs: int = 50,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     steps: int | None = None,
     *,
     device: str = "auto",
@@ -545,7 +559,7 @@ def finetune(
     under ``images``; returns ``<out>/<backbone>-leopart.safetensors`` (student ViT, timm names).
 
     ``epochs`` x (images // batch_size) steps, or exactly ``steps`` when given (the schedules span
-    them). ``params`` are FinetuneParams fields (num_prototypes=300, loss_mask="fg", lr_backbone=1e-5,
+    them). ``batch_size`` None: the reference's effective batch (``reference_batch_size``). ``params`` are FinetuneParams fields (num_prototypes=300, loss_mask="fg", lr_backbone=1e-5,
     seed=400, workers=4, ...); ``device`` auto | cpu | cuda[:N].
     """
     log = log or print
@@ -554,6 +568,7 @@ def finetune(
     if spec.family == "efficientnet":
         raise ConfigError(f"Leopart fine-tunes ViT backbones; {backbone!r} is a CNN")
     check_params(p, spec.stride)
+    batch_size = reference_batch_size(backbone) if batch_size is None else batch_size
     if epochs < 1 or batch_size < 1 or (steps is not None and steps < 1):
         raise ConfigError(f"epochs, batch_size and steps must be >= 1, got {epochs}, {batch_size}, {steps}")
     dist = init_distributed(device)

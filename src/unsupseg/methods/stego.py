@@ -38,6 +38,9 @@ from ..features.knn import knn_table, sample_neighbours
 from .base import FitContext, Predictor, PredictorInfo, cosine_scores
 
 
+LINEAR_PROBE = ("linear_probe.weight", "linear_probe.bias")   # on the code, see LinearProbe
+
+
 @dataclass
 class Params:
     # Names of the reference config in brackets. Defaults: the active block of its train_config.yml.
@@ -46,7 +49,7 @@ class Params:
     dropout: float = 0.1                # Dropout2d probability of every feature mask
     signal_dropout: bool = True         # correlate channel-dropped features in the loss [dropout]
     steps: int = 5000                   # [max_steps]
-    batch_size: int = 16                # images per step, all processes together
+    batch_size: int = 16                # images per step, all processes together (Ref: per GPU [batch_size])
     lr: float = 5e-4                    # head (Adam) [lr]
     linear_lr: float = 5e-3             # linear probe (Adam)
     cluster_lr: float = 5e-3            # cluster probe (Adam)

@@ -9,4 +9,7 @@ from .params import Params
 from .predictor import build_predictor
 from .trainer import fit
 
-__all__ = ["Params", "build_predictor", "fit"]
+# the supervised monitoring probe on the teacher head's output (scored by `evaluate --probe linear`)
+LINEAR_PROBE = ("linear.weight", "linear.bias")
+
+__all__ = ["LINEAR_PROBE", "Params", "build_predictor", "fit"]

@@ -95,27 +95,33 @@ def otsu_threshold(scores: Tensor) -> float:
 # ----------------------------------------------------------------------------- co-occurrence graph
 
 
+def pair_counts(labels: Tensor, n: int) -> Tensor:
+    """n x n float64 counts of (label at p, label at p + offset) over the 16 offsets, both inside the
+    map, diagonal zeroed (the reference's greycomatrix summed over distances and angles)."""
+    labels = labels.long()
+    h, w = labels.shape
+    pairs = []
+    for dr, dc in OFFSETS:
+        r0, r1 = max(0, -dr), h - max(0, dr)
+        c0, c1 = max(0, -dc), w - max(0, dc)
+        if r1 <= r0 or c1 <= c0:
+            continue
+        a = labels[r0:r1, c0:c1]
+        b = labels[r0 + dr : r1 + dr, c0 + dc : c1 + dc]
+        pairs.append((a * n + b).reshape(-1))
+    if not pairs:
+        return torch.zeros(n, n, dtype=torch.float64)
+    counts = torch.bincount(torch.cat(pairs), minlength=n * n).reshape(n, n).double()
+    return counts.fill_diagonal_(0)
+
+
 def cooccurrence(label_maps: Iterable[Tensor], n: int) -> Tensor:
     """A (n x n float64, spec §2.5): per image, neighbour-pair counts over the 16 offsets, diagonal
     zeroed, rows normalised; summed over images, row i divided by the images where it was non-empty."""
     total = torch.zeros(n, n, dtype=torch.float64)
     present = torch.zeros(n, dtype=torch.float64)
     for labels in label_maps:
-        labels = labels.long()
-        h, w = labels.shape
-        pairs = []
-        for dr, dc in OFFSETS:
-            r0, r1 = max(0, -dr), h - max(0, dr)
-            c0, c1 = max(0, -dc), w - max(0, dc)
-            if r1 <= r0 or c1 <= c0:
-                continue
-            a = labels[r0:r1, c0:c1]
-            b = labels[r0 + dr : r1 + dr, c0 + dc : c1 + dc]
-            pairs.append((a * n + b).reshape(-1))
-        if not pairs:
-            continue
-        counts = torch.bincount(torch.cat(pairs), minlength=n * n).reshape(n, n).double()
-        counts.fill_diagonal_(0)
+        counts = pair_counts(labels, n)
         rows = counts.sum(1)
         nonempty = rows > 0
         total[nonempty] += counts[nonempty] / rows[nonempty, None]
