@@ -7,6 +7,6 @@ heads (methods ``cause-mlp`` and ``cause-tr``), as specified in cause.md.
 
 from .params import Params
 from .predictor import build_predictor
-from .trainer import fit
+from .trainer import fit, plan
 
-__all__ = ["Params", "build_predictor", "fit"]
+__all__ = ["Params", "build_predictor", "fit", "plan"]
