@@ -77,7 +77,7 @@ class SizeEstimate:
 
 
 def gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def estimate_size(shapes: Sequence[tuple[int, int, int]], stride: int, labelled: bool) -> SizeEstimate:
