@@ -249,13 +249,13 @@ def plan(config: RunConfig, cache_dir: str | os.PathLike | None = None) -> list[
     train_data = build_train_dataset(config)
     n = len(train_data)
     base = getattr(train_data, "source", train_data)
-    crops = f"{len(base)} images x {train_data.per_image} {config.data.crop} crops" if isinstance(train_data, CropView) else f"{n} images"
+    crops = f"{len(base):,} images x {train_data.per_image} {config.data.crop} crops" if isinstance(train_data, CropView) else f"{n:,} images"
     module = get_method(config.method)
     params = _method_params(config)
     labelled = train_data[0].label is not None if n else False
     folder = Path(cache_dir or config.cache_dir or default_cache_dir())
     lines = [
-        f"fit {config.method} on {getattr(train_data, 'name', '?')}: {n} training items ({crops})",
+        f"fit {config.method} on {getattr(train_data, 'name', '?')}: {n:,} training items ({crops})",
         f"backbone {spec.name}: {spec.dim} channels, stride {spec.stride}; batch of {config.batch_size} per forward; "
         f"{resolve_workers(config.data.workers)} decode workers",
     ]
@@ -271,8 +271,8 @@ def plan(config: RunConfig, cache_dir: str | os.PathLike | None = None) -> list[
                      + (" (unless this entry is already cached)" if verdict == "stream" and config.data.cache != "never" else ""))
     fplan = module.plan(params, config.method, config.clusters, n, spec.dim, tokens)
     for stage in fplan.stages:
-        lines.append(f"stage {stage.name}: {stage.steps_per_epoch} steps per epoch, {stage.total_steps} steps in total, "
-                     f"{stage.images_per_step} items per step ({stage.total_steps * stage.images_per_step} item reads)")
+        lines.append(f"stage {stage.name}: {stage.steps_per_epoch:,} steps per epoch, {stage.total_steps:,} steps in total, "
+                     f"{stage.images_per_step} items per step ({stage.total_steps * stage.images_per_step:,} item reads)")
     for what, size in fplan.memory:
         lines.append(f"memory: {what}: {gb(size)}")
     lines += [f"note: {note}" for note in fplan.notes]

@@ -73,7 +73,7 @@ class SizeEstimate:
     def describe(self) -> str:
         grid = f"{self.grid[1]}x{self.grid[2]} tokens x {self.grid[0]}" if self.grid else "mixed grids"
         labels = f" + labels {gb(self.labels)}" if self.labels else ""
-        return f"{self.items} items x {grid} x 2 bytes = {gb(self.features)}{labels}"
+        return f"{self.items:,} items x {grid} x 2 bytes = {gb(self.features)}{labels}"
 
 
 def gb(n: float) -> str:
