@@ -79,7 +79,8 @@ def test_plan_of_a_paper_preset_prints_the_numbers_and_writes_nothing(tmp_path):
     write_images(images, 26, size=(64, 48))
     proc = _cli("fit", "--method", "cause-tr", "--preset", "cocostuff27", "--images", str(images),
                 "--backbone-weights", "random", "--out", str(tmp_path / "run"), "--plan",
-                "--set", "data.cache_max_gb=0.3", "--set", "data.workers=3", cache=tmp_path / "cache")
+                "--set", "data.cache_max_gb=0.3", "--set", "data.workers=3", "--throughput", "0.25",
+                cache=tmp_path / "cache")
     text = proc.communicate(timeout=600)[0]
     assert proc.returncode == 0, text
     lines = text.splitlines()
@@ -95,4 +96,6 @@ def test_plan_of_a_paper_preset_prints_the_numbers_and_writes_nothing(tmp_path):
     assert any("cause-step3-cluster: 2 steps per epoch, 10 steps in total" in line for line in lines)
     # 2048 concepts x 100 entries x 2048 x 4 bytes = 1,677,721,600 bytes
     assert any("concept bank" in line and "1.7 GB" in line for line in lines)
+    # (2 + 4 + 10) steps x 16 items = 256 reads at 0.25 items/s = 1,024 s
+    assert "time: 256 item reads at 0.25 items/s: about 0.3 h" in lines
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()

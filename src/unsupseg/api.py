@@ -237,9 +237,10 @@ def fit(
     return Segmenter.from_run(rundir.load(out), backbone=net)
 
 
-def plan(config: RunConfig, cache_dir: str | os.PathLike | None = None) -> list[str]:
+def plan(config: RunConfig, cache_dir: str | os.PathLike | None = None, throughput: float | None = None) -> list[str]:
     """What ``fit`` with ``config`` would do, as lines of text; builds no backbone (no weights needed),
-    extracts nothing and writes nothing."""
+    extracts nothing and writes nothing. ``throughput`` (training items per second, e.g. measured by
+    benchmarks/bench_paper_scale.py or gpu_check.sh on the target machine) gives a time estimate."""
     from .backbones import get_spec
     from .features.cache import default_cache_dir
     from .features.pipeline import resolve_workers
@@ -276,8 +277,14 @@ def plan(config: RunConfig, cache_dir: str | os.PathLike | None = None) -> list[
     for what, size in fplan.memory:
         lines.append(f"memory: {what}: {gb(size)}")
     lines += [f"note: {note}" for note in fplan.notes]
-    lines.append("time: no measured throughput for this backbone and device; "
-                 "benchmarks/bench_paper_scale.py measures one (images/s)")
+    reads = sum(stage.total_steps * stage.images_per_step for stage in fplan.stages)
+    if throughput is None:
+        lines.append("time: give --throughput ITEMS_PER_S (measured on the target machine, e.g. by "
+                     "benchmarks/bench_paper_scale.py) for an estimate")
+    elif throughput <= 0:
+        raise ConfigError(f"--throughput must be positive, got {throughput!r}")
+    elif reads:
+        lines.append(f"time: {reads:,} item reads at {throughput:g} items/s: about {reads / throughput / 3600:.1f} h")
     return lines
 
 
