@@ -244,7 +244,7 @@ def plan(config: RunConfig, cache_dir: str | os.PathLike | None = None, throughp
     from .backbones import get_spec
     from .features.cache import default_cache_dir
     from .features.pipeline import resolve_workers
-    from .features.source import choose_source, estimate_size, gb, token_shapes
+    from .features.source import choose_source, estimate_size, gb, has_labels, token_shapes
 
     spec = get_spec(config.backbone.name)
     train_data = build_train_dataset(config)
@@ -253,7 +253,7 @@ def plan(config: RunConfig, cache_dir: str | os.PathLike | None = None, throughp
     crops = f"{len(base):,} images x {train_data.per_image} {config.data.crop} crops" if isinstance(train_data, CropView) else f"{n:,} images"
     module = get_method(config.method)
     params = _method_params(config)
-    labelled = train_data[0].label is not None if n else False
+    labelled = has_labels(train_data)
     folder = Path(cache_dir or config.cache_dir or default_cache_dir())
     lines = [
         f"fit {config.method} on {getattr(train_data, 'name', '?')}: {n:,} training items ({crops})",

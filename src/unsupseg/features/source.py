@@ -240,6 +240,16 @@ def cache_fields(backbone, dataset, preprocess, flip: bool) -> dict:
     return fields
 
 
+def has_labels(dataset) -> bool:
+    """Whether the items carry labels, from the first readable one."""
+    for i in range(len(dataset)):
+        try:
+            return dataset[i].label is not None
+        except DataError:
+            continue
+    raise DataError(f"no readable image in {getattr(dataset, 'root', dataset)}")
+
+
 class _Single:
     rank, world_size = 0, 1
 
@@ -281,7 +291,7 @@ def open_features(
     shapes = token_shapes(dataset, preprocess, backbone.stride, backbone.dim)
     if not shapes:
         raise DataError(f"no image in {getattr(dataset, 'root', dataset)}")
-    labelled = dataset[0].label is not None
+    labelled = has_labels(dataset)
     estimate = estimate_size(shapes, backbone.stride, labelled)
 
     def stream(reason: str):

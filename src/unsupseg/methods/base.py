@@ -27,7 +27,7 @@ class FitContext:
     config: RunConfig
     params: Any                          # the method's Params instance
     backbone: nn.Module                  # frozen Backbone
-    features: Callable[..., Any]         # features(resolution=None, split=None, flip=False) -> FeatureStore
+    features: Callable[..., Any]         # features(resolution=None, flip=False) -> FeatureStore or StreamSource (same reads)
     dataset: Any                         # the training SegDataset (images, labels when known)
     num_classes: int | None              # classes of the labelled data (linear probe only), else None
     dist: Dist
