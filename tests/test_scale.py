@@ -44,6 +44,23 @@ def test_streamed_fit_equals_cached_fit_and_writes_no_cache(tmp_path, monkeypatc
     assert torch.equal(streamed, cached)
 
 
+def test_streamed_cause_fit_equals_cached_fit(tmp_path, monkeypatch):
+    # CAUSE draws dropout masks from the global RNG: reading features must not move it
+    images = tmp_path / "photos"
+    write_images(images, 8)
+    overrides = ["data.resolution=64", "data.workers=0", "params.concepts=8", "params.projection_dim=8",
+                 "params.bank_size=4", "params.batch_size=4", "params.mediator_epochs=1", "params.head_epochs=2",
+                 "params.cluster_epochs=1", "params.linear_probe=false"]
+    states = []
+    for cache in ("never", "always"):
+        api.fit("cause-mlp", preset="demo", out=tmp_path / cache, images=images, clusters=3, backbone_weights="random",
+                overrides=[*overrides, f"data.cache={cache}"], log=lambda msg: None)
+        states.append(load_file(tmp_path / cache / "weights.safetensors"))
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
 def test_zero_and_two_decode_workers_give_identical_weights(tmp_path):
     images = tmp_path / "photos"
     write_images(images, 6)

@@ -87,8 +87,10 @@ class ItemLoader:
         self.items = PreprocessedItems(dataset, preprocess, strict)
         self._feed = _Feed()
         extra = {"prefetch_factor": prefetch, "persistent_workers": True} if self.workers else {}
+        # its own generator: each new iterator draws a worker base seed, which from the global RNG would
+        # shift the training's dropout masks whenever features are read through the pipeline
         self._loader = DataLoader(self.items, batch_size=None, sampler=self._feed, num_workers=self.workers,
-                                  collate_fn=_as_is, pin_memory=pin_memory, **extra)
+                                  collate_fn=_as_is, pin_memory=pin_memory, generator=torch.Generator(), **extra)
 
     def __len__(self) -> int:
         return len(self.items)

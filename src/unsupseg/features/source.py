@@ -331,13 +331,13 @@ def _decide(cache: str, path: Path, estimate: SizeEstimate, max_gb: float, log,
             held: contextlib.ExitStack) -> tuple[str, str]:
     """("hit" | "stream" | "build", reason); on "build" ``held`` holds the entry's lock."""
     if open_entry(path) is not None:
-        return "hit", f"cache hit ({estimate.describe()}, backbone skipped) in {path}"
+        return "hit", f"feature cache hit ({estimate.describe()}, backbone skipped) in {path}"
     verdict, reason = choose_source(cache, estimate, max_gb, path.parent)
     if verdict == "stream":
         return verdict, reason
     held.enter_context(entry_lock(path, log))
     if open_entry(path) is not None:   # built by another process while this one waited
-        return "hit", f"cache hit ({estimate.describe()}, built by another process) in {path}"
+        return "hit", f"feature cache hit ({estimate.describe()}, built by another process) in {path}"
     return "build", f"{reason} in {path}"
 
 
@@ -354,5 +354,5 @@ def choose_source(cache: str, estimate: SizeEstimate, max_gb: float, cache_dir: 
     elif estimate.total > free:
         raise DataError(f"data.cache=always: the entry needs {estimate.describe()} but {cache_dir} has "
                         f"{gb(free)} free; free space, set UNSUPSEG_CACHE_DIR, or use data.cache=auto")
-    return "cache", (f"extracting and caching ({estimate.describe()}; budget data.cache_max_gb={max_gb:g}, "
+    return "cache", (f"feature cache miss: extracting and caching ({estimate.describe()}; budget data.cache_max_gb={max_gb:g}, "
                      f"{gb(free)} free)")
