@@ -112,6 +112,7 @@ class StreamSource:
         self.shapes = list(shapes)
         stride = backbone.stride
         self.label_shapes = [(h * stride, w * stride) for _, h, w in self.shapes] if labelled else None
+        self._last_labels: tuple[list[int] | None, list | None] = (None, None)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -160,7 +161,7 @@ class StreamSource:
 
     def labels(self, indices) -> torch.Tensor:
         indices = [int(i) for i in indices]
-        last, labels = getattr(self, "_last_labels", (None, None))
+        last, labels = self._last_labels
         if last != indices:
             labels = [self.label(i) for i in indices]
         return torch.stack(labels)
@@ -176,8 +177,7 @@ class StreamSource:
             pending.clear()
             return out
 
-        for index, item_id, image, label, error in self.loader.iterate(order):
-            next(self._checked([(index, item_id, image, label, error)]))
+        for index, (_, image, _) in zip(order, self._checked(self.loader.iterate(order))):
             if pending and (image.shape != pending[0][1].shape or len(pending) == self.batch_size):
                 yield from flush()
             pending.append((index, image))
