@@ -31,17 +31,18 @@ from .config import (
     merge,
     to_dict,
 )
-from .data import CroppedDataset, ImageFolder, Preprocess, build_dataset, load_image
+from .data import CROP_KINDS, CroppedDataset, CropView, ImageFolder, Preprocess, build_dataset, load_image
 from .data.images import DEFAULT_MAX_PIXELS
 from .engine import init_distributed
 from .errors import ConfigError, DataError
 from .evaluation.metrics import ConfusionMatrix, leopart_score, score
 from .evaluation.visualize import overlay
 from .features.extract import extract_features
+from .features.source import open_features
 from .methods import get_method
 from .methods.base import FitContext, LinearProbe, Predictor, PredictorInfo
 
-__all__ = ["Segmenter", "evaluate", "fit", "load", "resolve_config", "segment"]
+__all__ = ["Segmenter", "evaluate", "fit", "fit_config", "load", "plan", "resolve_config", "segment"]
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -89,17 +90,31 @@ def _method_params(config: RunConfig):
     return from_dict(get_method(config.method).Params, config.params, "params")
 
 
+CROP_CHOICES = ("none", *CROP_KINDS)
+
+
 def build_train_dataset(config: RunConfig):
+    """The training items: the images (or benchmark split, or prepared crop folder), cut into
+    ``data.crop`` crops on the fly when asked."""
     d = config.data
+    if d.crop not in CROP_CHOICES:
+        raise ConfigError(f"data.crop must be one of {', '.join(CROP_CHOICES)}, got {d.crop!r}")
     if d.crops:
+        if d.crop != "none":
+            raise ConfigError(
+                f"data.crops={d.crops!r} is a folder of prepared crops, and data.crop={d.crop!r} would crop them "
+                "again: set data.crop=none to train on the folder, or drop data.crops to cut the crops on the fly"
+            )
         return CroppedDataset(d.crops)
     if d.images:
-        return ImageFolder(d.images, strict=d.strict)
-    if d.dataset:
+        data = ImageFolder(d.images, strict=d.strict)
+    elif d.dataset:
         if not d.root:
             raise ConfigError(f"dataset {d.dataset!r} needs --root (the folder that holds it)")
-        return build_dataset(d.dataset, d.root, d.split)
-    raise ConfigError("nothing to train on: give --images DIR, or --dataset NAME --root DIR --split S")
+        data = build_dataset(d.dataset, d.root, d.split)
+    else:
+        raise ConfigError("nothing to train on: give --images DIR, or --dataset NAME --root DIR --split S")
+    return CropView(data, d.crop) if d.crop != "none" else data
 
 
 def _train_preprocess(config: RunConfig, stride: int, resolution: int | None = None) -> Preprocess:
@@ -108,6 +123,38 @@ def _train_preprocess(config: RunConfig, stride: int, resolution: int | None = N
 
 
 # ----------------------------------------------------------------------------- fit
+
+
+def fit_config(
+    method: str = "kmeans",
+    *,
+    backbone: str | None = None,
+    backbone_weights: str | None = None,
+    images: str | os.PathLike | None = None,
+    dataset: str | None = None,
+    root: str | os.PathLike | None = None,
+    split: str | None = None,
+    clusters: int | None = None,
+    preset: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+) -> RunConfig:
+    """The resolved config of a ``fit`` call with these arguments."""
+    return resolve_config(
+        method,
+        preset=preset,
+        config_file=config_file,
+        overrides=overrides,
+        **{
+            "backbone.name": backbone,
+            "backbone.weights": backbone_weights,
+            "data.images": str(images) if images is not None else None,
+            "data.dataset": dataset,
+            "data.root": str(root) if root is not None else None,
+            "data.split": split,
+            "clusters": clusters,
+        },
+    )
 
 
 def fit(
@@ -132,21 +179,9 @@ def fit(
     An interrupted fit with the same configuration resumes from its last checkpoint.
     """
     log = log or (lambda msg: console.print(msg))
-    config = resolve_config(
-        method,
-        preset=preset,
-        config_file=config_file,
-        overrides=overrides,
-        **{
-            "backbone.name": backbone,
-            "backbone.weights": backbone_weights,
-            "data.images": str(images) if images is not None else None,
-            "data.dataset": dataset,
-            "data.root": str(root) if root is not None else None,
-            "data.split": split,
-            "clusters": clusters,
-        },
-    )
+    config = fit_config(method, backbone=backbone, backbone_weights=backbone_weights, images=images, dataset=dataset,
+                        root=root, split=split, clusters=clusters, preset=preset, config_file=config_file,
+                        overrides=overrides)
     dist = init_distributed(config.device)
     out = Path(out)
     resuming = rundir.prepare(out, config, overwrite) if dist.is_main else False
@@ -160,15 +195,14 @@ def fit(
 
     def features(resolution: int | None = None, flip: bool = False):
         prep = _train_preprocess(config, net.stride, resolution)
-        store = extract_features(
-            net, train_data, prep, cache_dir=cache_dir, batch_size=config.batch_size, flip=flip,
-            strict=config.data.strict, description=f"features {prep.resolution}px",
+        source, reason = open_features(
+            net, train_data, prep, cache=config.data.cache, cache_dir=cache_dir, max_gb=config.data.cache_max_gb,
+            batch_size=config.batch_size, flip=flip, strict=config.data.strict, workers=config.data.workers,
+            dist=dist, log=log, warn=lambda msg: warnings.warn(msg, stacklevel=2),
+            description=f"features {prep.resolution}px",
         )
-        log(
-            f"feature cache {'hit' if store.hit else 'miss'}: {len(store)} images at {prep.resolution}px "
-            f"({'backbone skipped' if store.hit else 'extracted and cached'}) in {store.path}"
-        )
-        return store
+        log(f"training features at {prep.resolution}px, {len(source)} items: {reason}")
+        return source
 
     module = get_method(config.method)
     ctx = FitContext(
@@ -201,6 +235,57 @@ def fit(
         log(f"fit finished in {elapsed:.1f} s; run written to {out}")
     dist.barrier()
     return Segmenter.from_run(rundir.load(out), backbone=net)
+
+
+def plan(config: RunConfig, cache_dir: str | os.PathLike | None = None, throughput: float | None = None) -> list[str]:
+    """What ``fit`` with ``config`` would do, as lines of text; builds no backbone (no weights needed),
+    extracts nothing and writes nothing. ``throughput`` (training items per second, e.g. measured by
+    benchmarks/bench_paper_scale.py or gpu_check.sh on the target machine) gives a time estimate."""
+    from .backbones import get_spec
+    from .features.cache import default_cache_dir
+    from .features.pipeline import resolve_workers
+    from .features.source import choose_source, estimate_size, gb, has_labels, token_shapes
+
+    spec = get_spec(config.backbone.name)
+    train_data = build_train_dataset(config)
+    n = len(train_data)
+    base = getattr(train_data, "source", train_data)
+    crops = f"{len(base):,} images x {train_data.per_image} {config.data.crop} crops" if isinstance(train_data, CropView) else f"{n:,} images"
+    module = get_method(config.method)
+    params = _method_params(config)
+    labelled = has_labels(train_data)
+    folder = Path(cache_dir or config.cache_dir or default_cache_dir())
+    lines = [
+        f"fit {config.method} on {getattr(train_data, 'name', '?')}: {n:,} training items ({crops})",
+        f"backbone {spec.name}: {spec.dim} channels, stride {spec.stride}; batch of {config.batch_size} per forward; "
+        f"{resolve_workers(config.data.workers)} decode workers",
+    ]
+    fplan = module.plan(params, config.method, config.clusters, n, spec.dim, 0)
+    tokens = 0
+    for resolution in dict.fromkeys(r or config.data.resolution for r in fplan.resolutions):
+        shapes = token_shapes(train_data, _train_preprocess(config, spec.stride, resolution), spec.stride, spec.dim)
+        tokens = max(tokens, sum(h * w for _, h, w in shapes))
+        estimate = estimate_size(shapes, spec.stride, labelled)
+        verdict, reason = choose_source(config.data.cache, estimate, config.data.cache_max_gb, folder)
+        lines.append(f"features at {resolution}px: {estimate.describe()}")
+        lines.append(f"  source: {'stream (backbone on every batch)' if verdict == 'stream' else 'cache'}: {reason}"
+                     + (" (unless this entry is already cached)" if verdict == "stream" and config.data.cache != "never" else ""))
+    fplan = module.plan(params, config.method, config.clusters, n, spec.dim, tokens)
+    for stage in fplan.stages:
+        lines.append(f"stage {stage.name}: {stage.steps_per_epoch:,} steps per epoch, {stage.total_steps:,} steps in total, "
+                     f"{stage.images_per_step} items per step ({stage.total_steps * stage.images_per_step:,} item reads)")
+    for what, size in fplan.memory:
+        lines.append(f"memory: {what}: {gb(size)}")
+    lines += [f"note: {note}" for note in fplan.notes]
+    reads = sum(stage.total_steps * stage.images_per_step for stage in fplan.stages)
+    if throughput is None:
+        lines.append("time: give --throughput ITEMS_PER_S (measured on the target machine, e.g. by "
+                     "benchmarks/bench_paper_scale.py) for an estimate")
+    elif throughput <= 0:
+        raise ConfigError(f"--throughput must be positive, got {throughput!r}")
+    elif reads:
+        lines.append(f"time: {reads:,} item reads at {throughput:g} items/s: about {reads / throughput / 3600:.1f} h")
+    return lines
 
 
 # ----------------------------------------------------------------------------- segmenter

@@ -78,10 +78,23 @@ def fit(
     config: Optional[Path] = typer.Option(None, help="A YAML run config to start from."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: --set params.lr=0.001"),
     overwrite: bool = typer.Option(False, help="Replace an existing finished run."),
+    plan: bool = typer.Option(False, "--plan", help="Print what the fit would do (items, feature source and "
+                              "size, steps, memory) and exit: no training, nothing written, no weights needed."),
+    throughput: Optional[float] = typer.Option(None, help="With --plan: training items per second measured on the "
+                                               "target machine, for a time estimate."),
 ) -> None:
     """Fit a method and write a run directory."""
     from .api import fit as api_fit
 
+    if plan:
+        from .api import fit_config, plan as api_plan
+
+        config = fit_config(method, backbone=backbone, backbone_weights=backbone_weights, images=images,
+                            dataset=dataset, root=root, split=split, clusters=clusters, preset=preset,
+                            config_file=config, overrides=set_)
+        for line in api_plan(config, throughput=throughput):
+            out.print(line, highlight=False, soft_wrap=True)
+        return
     api_fit(
         method, out=run_dir, backbone=backbone, backbone_weights=backbone_weights, images=images,
         dataset=dataset, root=root, split=split, clusters=clusters, preset=preset, config_file=config,

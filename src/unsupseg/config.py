@@ -37,10 +37,14 @@ class DataConfig:
     split: str = "train"
     images: str | None = None      # an unlabelled image folder instead of a benchmark
     crops: str | None = None       # a folder written by `prepare-crops` to train on instead
+    crop: str = "none"             # none | five | double | super: training crops cut on the fly
     resolution: int = 320          # training input: shorter side (or square side) in pixels
     mode: str = "short"            # short | short_crop | square | none
     interpolation: str = "bilinear"
     strict: bool = False           # unreadable images are errors instead of skipped
+    cache: str = "auto"            # auto | always | never: cache the training features or stream them
+    cache_max_gb: float = 100.0    # auto caches an entry only up to this size (and the free disk)
+    workers: int | None = None     # decode/resize processes; None: from the CPU count
 
 
 @dataclass

@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from unsupseg.data import (
+    CropView,
     CroppedDataset,
     FileDataset,
     ImageFolder,
@@ -188,3 +189,26 @@ def test_cropped_dataset_via_build_dataset_and_errors(tmp_path):
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="lacks classes"):
         CroppedDataset(tmp_path / "cropped" / "train")
+
+
+@pytest.mark.parametrize("kind", ["five", "double", "super"])
+def test_crops_on_the_fly_equal_prepared_crops(tmp_path, kind):
+    source = _labelled_dataset(tmp_path, n=2, h=30, w=40)
+    prepared = prepare_crops(source, kind, tmp_path / "out")
+    view = CropView(source, kind)
+    assert len(view) == len(prepared) == 2 * {"five": 5, "double": 20, "super": 50}[kind]
+    assert view.name == prepared.name and view.classes == prepared.classes
+    # every other item, out of order, so the one-image memo is exercised across images
+    for n in [*range(len(view) - 1, -1, -2), *range(0, len(view), 2)]:
+        a, b = view[n], prepared[n]
+        np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))   # JPEG pixels included
+        np.testing.assert_array_equal(a.label, b.label)
+        assert view.image_size(n) == b.image.size
+    assert view.ids[:2] == ["0/crop0", "0/crop1"]
+
+
+def test_crops_on_the_fly_refuse_too_small_images(tmp_path, write_rgb):
+    write_rgb(tmp_path / "imgs" / "a.png", height=2, width=30)
+    view = CropView(ImageFolder(tmp_path / "imgs"), "super")     # 0.3 x 2 px rounds down to 0
+    with pytest.raises(DataError, match="too small for crop ratio 0.3"):
+        view[0]

@@ -71,3 +71,40 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path):
     # ... and the weights did train
     _, initial = _training(_store(tmp_path / "cache"), Dist())
     assert not torch.equal(initial.state_dict()["head.cluster1.0.weight"], r0["state"]["head.cluster1.0.weight"])
+
+
+def _fit_rank(rank: int, world: int, port: int, folder: str) -> None:
+    """One torchrun process (environment as torchrun sets it) running the real ``fit`` on a cold cache."""
+    from pathlib import Path
+
+    from unsupseg import api
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), UNSUPSEG_PROGRESS="0",
+                      UNSUPSEG_CACHE_DIR=f"{folder}/cache")
+    torch.set_num_threads(1)
+    logs = []
+    try:
+        seg = api.fit("stego", out=Path(folder) / "run", images=Path(folder) / "photos", clusters=3,
+                      backbone="efficientnet_lite0", backbone_weights="random", log=logs.append, overrides=[
+                          "params.steps=3", "params.batch_size=4", "params.knn_k=2", "params.dim=8",
+                          "data.resolution=64", "data.workers=0"])
+        torch.save(seg.predictor.state_dict(), Path(folder) / f"rank{rank}.pt")
+        (Path(folder) / f"log{rank}.txt").write_text("\n".join(logs))
+    finally:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def test_torchrun_fit_on_a_cold_cache_shards_extraction_and_agrees(tmp_path):
+    from tests.conftest import write_images
+
+    write_images(tmp_path / "photos", 8)
+    mp.spawn(_fit_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs = [(tmp_path / f"log{r}.txt").read_text() for r in (0, 1)]
+    assert "rank 0/2 extracted its share, items 0-3 (4 of 8)" in logs[0]
+    assert "rank 1/2 extracted its share, items 4-7 (4 of 8)" in logs[1]
+    entries = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert len(entries) == 1 and not list(entries[0].glob(".*"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unsupseg.data.images import load_image, load_label
+from unsupseg.data.images import image_size, load_image, load_label
 from unsupseg.data.labelmaps import IGNORE_INDEX
 from unsupseg.data.transforms import Preprocess
 from unsupseg.errors import DataError
@@ -71,6 +71,10 @@ class SegDataset:
     def files(self) -> list[Path]:
         """Every file whose content the samples are read from."""
         raise NotImplementedError
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        """``(width, height)`` of sample ``i``'s image (subclasses read it without decoding)."""
+        return self[i].image.size
 
     def fingerprint(self) -> str:
         """sha1 of the dataset name and each file's relative path, size and mtime (no reads)."""
@@ -134,6 +138,9 @@ class FileDataset(SegDataset):
 
     def files(self) -> list[Path]:
         return self.image_paths + (self.label_paths or [])
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        return image_size(self.image_paths[i], exif_transpose=self.label_paths is None)
 
     def _load(self, i: int) -> Sample:
         image_path = self.image_paths[i]

@@ -8,6 +8,7 @@ quality) and ``label/<n>.png`` (uint8, label + 1, so ignore is stored as 0).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from unsupseg.data.base import FileDataset, SegDataset
+from unsupseg.data.base import FileDataset, Sample, SegDataset
 from unsupseg.errors import ConfigError, DataError
 
 MANIFEST_NAME = "crops.json"
@@ -246,3 +247,74 @@ def _read_manifest(out_dir: Path) -> dict:
     if missing:
         raise DataError(f"{path}: crops manifest lacks {', '.join(sorted(missing))}")
     return manifest
+
+
+def jpeg_roundtrip(image: Image.Image) -> Image.Image:
+    """The pixels ``prepare_crops`` stores: the crop encoded as JPEG (PIL's default quality) and
+    decoded again, as the reference trains on its JPEG crop files (stego.md §7.4, cause.md §1.4)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return decoded.convert("RGB")
+
+
+class CropView(SegDataset):
+    """The ``kind`` crops of ``source`` cut on the fly: item ``n`` is crop ``n % per_image`` of image
+    ``n // per_image``, in the order and with the pixels ``prepare_crops`` writes (the JPEG round trip
+    included), so training on it equals training on the prepared folder without writing it.
+
+    Each item decodes its source image; the last decoded image is kept (one per process, so per
+    DataLoader worker), which makes sequential passes decode every image once.
+    """
+
+    def __init__(self, source: SegDataset, kind: str, ratios: Sequence[float] | None = None):
+        self.kind = kind
+        self.ratios, _ = _resolve(kind, ratios)
+        self.source = source
+        self.per_image = len(crop_boxes(4, 4, kind, self.ratios))   # fixed per kind, whatever the size
+        ids = [f"{sid}/crop{k}" for sid in source.ids for k in range(self.per_image)]
+        super().__init__(f"{source.name}_{kind}_crop", source.root, ids, source.classes)
+        self.eval_transform = source.eval_transform
+        self.train_transform = source.train_transform
+        self._last: tuple[int, Sample] | None = None
+
+    def files(self) -> list[Path]:
+        return self.source.files()
+
+    def fingerprint(self) -> str:
+        return f"{self.source.fingerprint()}:{self.kind}:{','.join(map(str, self.ratios))}:jpeg"
+
+    def _sample(self, i: int) -> Sample:
+        if self._last is None or self._last[0] != i:
+            self._last = (i, self.source[i])
+        return self._last[1]
+
+    def _box(self, n: int, width: int, height: int) -> CropBox:
+        i, k = divmod(n, self.per_image)
+        for ratio in self.ratios:
+            if 0 in crop_size(height, width, ratio):
+                raise DataError(
+                    f"{self.source.name}: image {self.source.ids[i]!r} ({width}x{height}) is too small for "
+                    f"crop ratio {ratio}"
+                )
+        return crop_boxes(height, width, self.kind, self.ratios)[k]
+
+    def _load(self, n: int) -> Sample:
+        sample = self._sample(n // self.per_image)
+        width, height = sample.image.size
+        box = self._box(n, width, height)
+        image = sample.image.crop((box.left, box.top, box.left + box.width, box.top + box.height))
+        label = None
+        if sample.label is not None:
+            label = sample.label[box.top : box.top + box.height, box.left : box.left + box.width]
+        if box.flipped:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            label = None if label is None else label[:, ::-1]
+        label = None if label is None else np.ascontiguousarray(label)
+        return Sample(self.ids[n], jpeg_roundtrip(image), label)
+
+    def image_size(self, n: int) -> tuple[int, int]:
+        width, height = self.source.image_size(n // self.per_image)
+        box = self._box(n, width, height)
+        return box.width, box.height

@@ -26,6 +26,7 @@ from unsupseg.data.images import (
     DataWarning,
     array_to_uint8,
     check_image_header,
+    image_size,
     is_image_file,
     load_image,
 )
@@ -90,6 +91,9 @@ class ImageFolder(SegDataset):
 
     def _load(self, i: int) -> Sample:
         return Sample(self.ids[i], load_image(self.paths[i]), None)
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        return image_size(self.paths[i])
 
 
 class PotsdamDataset(SegDataset):

@@ -57,6 +57,20 @@ def check_image_header(path: str | os.PathLike) -> tuple[int, int]:
     return width, height
 
 
+def image_size(path: str | os.PathLike, *, exif_transpose: bool = True) -> tuple[int, int]:
+    """``(width, height)`` of the image ``load_image`` returns, from the header alone (EXIF orientations
+    5-8 swap the sides); used to plan token grids without decoding."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if exif_transpose and img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                width, height = height, width
+    except Exception as exc:  # Pillow raises many types for malformed headers
+        raise DataError(f"{path}: not a readable image ({_describe(exc)})") from exc
+    return width, height
+
+
 def load_image(path: str | os.PathLike, *, exif_transpose: bool = True, max_pixels: int | None = None) -> Image.Image:
     """Decode an image file completely and return it as 8-bit RGB.
 

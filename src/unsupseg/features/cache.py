@@ -11,12 +11,14 @@ byte sizes; an entry whose files do not match it (truncated, interrupted) is reb
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,37 +108,61 @@ def _open(path: Path, hit: bool) -> FeatureStore | None:
     return FeatureStore(path, index["ids"], shapes, label_shapes, hit, feat, offsets, labels, label_offsets)
 
 
-def open_or_build(
-    cache_dir: str | os.PathLike,
-    key_fields: dict,
-    items: Callable[[], Iterable[tuple[str, torch.Tensor, torch.Tensor | None]]],
-) -> FeatureStore:
-    """Return the cached entry for ``key_fields``, building it from ``items()`` when missing or broken.
+def entry_path(cache_dir: str | os.PathLike, key_fields: dict) -> Path:
+    return Path(cache_dir) / cache_key(key_fields)
 
-    ``items()`` yields ``(id, features D x h x w, label h' x w' or None)`` and is only called on a miss.
-    """
-    path = Path(cache_dir) / cache_key(key_fields)
-    store = _open(path, hit=True)
-    if store is not None:
-        return store
-    if path.exists():
-        if (path / "index.json").exists():
-            warnings.warn(f"feature cache {path} is incomplete or truncated; rebuilding it", stacklevel=2)
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+
+def open_entry(path: Path) -> FeatureStore | None:
+    """The complete entry at ``path`` (a cache hit), or None."""
+    return _open(path, hit=True)
+
+
+@contextlib.contextmanager
+def entry_lock(path: Path, log: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold ``<entry>.lock`` exclusively while building ``path``. Another process that wants the same
+    entry waits here, then finds it complete. flock is released by the kernel when its holder exits,
+    however it exits, so a killed builder never leaves a stale lock behind (the waiter then finds an
+    incomplete entry and rebuilds it)."""
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if log:
+                log(f"another process is building the feature cache entry {path}; waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_items(items: Iterable, feat_file: Path, label_file: Path) -> tuple[list, list, list, bool | None]:
     ids, shapes, label_shapes = [], [], []
     has_labels = None
-    with atomic_path(path / "features.f16") as feat_tmp, atomic_path(path / "labels.i16") as lab_tmp:
-        with open(feat_tmp, "wb") as feat_fh, open(lab_tmp, "wb") as lab_fh:
-            for item_id, feats, label in items():
-                ids.append(item_id)
-                shapes.append(tuple(int(s) for s in feats.shape))
-                feat_fh.write(feats.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
-                if has_labels is None:
-                    has_labels = label is not None
-                if has_labels:
-                    label_shapes.append(tuple(int(s) for s in label.shape))
-                    lab_fh.write(label.to(torch.int16).contiguous().numpy().tobytes())
+    with open(feat_file, "wb") as feat_fh, open(label_file, "wb") as lab_fh:
+        for item_id, feats, label in items:
+            ids.append(item_id)
+            shapes.append(tuple(int(s) for s in feats.shape))
+            feat_fh.write(feats.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
+            if has_labels is None:
+                has_labels = label is not None
+            if has_labels:
+                label_shapes.append(tuple(int(s) for s in label.shape))
+                lab_fh.write(label.to(torch.int16).contiguous().numpy().tobytes())
+    return ids, shapes, label_shapes, has_labels
+
+
+def _fresh_dir(path: Path) -> None:
+    if path.exists():
+        if (path / "index.json").exists():
+            warnings.warn(f"feature cache {path} is incomplete or truncated; rebuilding it", stacklevel=3)
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+def _finish(path: Path, key_fields: dict, ids, shapes, label_shapes, has_labels) -> FeatureStore:
     if not has_labels:
         (path / "labels.i16").unlink(missing_ok=True)
     index = {
@@ -150,3 +176,72 @@ def open_or_build(
     store = _open(path, hit=False)
     assert store is not None, f"feature cache {path} unreadable right after writing"
     return store
+
+
+def build_entry(path: Path, key_fields: dict, items: Callable[[], Iterable]) -> FeatureStore:
+    """Write the entry at ``path`` from ``items()`` (the caller holds its lock)."""
+    _fresh_dir(path)
+    with atomic_path(path / "features.f16") as feat_tmp, atomic_path(path / "labels.i16") as lab_tmp:
+        ids, shapes, label_shapes, has_labels = _write_items(items(), feat_tmp, lab_tmp)
+    return _finish(path, key_fields, ids, shapes, label_shapes, has_labels)
+
+
+def build_entry_sharded(path: Path, key_fields: dict, items: Callable[[range], Iterable], total: int, dist,
+                        log: Callable[[str], None]) -> FeatureStore:
+    """Every process of ``dist`` (rank, world_size, barrier) writes the items of its contiguous share of
+    ``range(total)`` to its own part files; rank 0 (holding the entry's lock) then joins the parts in
+    rank order, so the entry equals a single-process build. No two processes write the same file."""
+    rank, world = dist.rank, dist.world_size
+    if rank == 0:
+        _fresh_dir(path)
+    dist.barrier()
+    share = range(total * rank // world, total * (rank + 1) // world)
+    part = path / f".part{rank}"
+    with atomic_path(part.with_suffix(".f16")) as feat_tmp, atomic_path(part.with_suffix(".i16")) as lab_tmp:
+        ids, shapes, label_shapes, has_labels = _write_items(items(share), feat_tmp, lab_tmp)
+    atomic_write_text(part.with_suffix(".json"), json.dumps(
+        {"ids": ids, "shapes": shapes, "label_shapes": label_shapes, "has_labels": has_labels}))
+    log(f"feature cache: rank {rank}/{world} extracted its share, items {share.start}-{share.stop - 1} "
+        f"({len(ids)} of {total}), into {part.name}.f16")
+    dist.barrier()
+    if rank == 0:
+        parts = [path / f".part{r}" for r in range(world)]
+        metas = [json.loads(p.with_suffix(".json").read_text()) for p in parts]
+        has_labels = next((m["has_labels"] for m in metas if m["has_labels"] is not None), None)
+        for suffix, name in ((".f16", "features.f16"), (".i16", "labels.i16")):
+            with atomic_path(path / name) as tmp, open(tmp, "wb") as out:
+                for p in parts:
+                    with open(p.with_suffix(suffix), "rb") as fh:
+                        shutil.copyfileobj(fh, out, 1 << 24)
+        for p in parts:
+            for suffix in (".f16", ".i16", ".json"):
+                p.with_suffix(suffix).unlink()
+        _finish(path, key_fields, [i for m in metas for i in m["ids"]],
+                [tuple(s) for m in metas for s in m["shapes"]],
+                [tuple(s) for m in metas for s in m["label_shapes"]], has_labels)
+    dist.barrier()
+    store = _open(path, hit=False)
+    assert store is not None, f"feature cache {path} unreadable right after writing"
+    return store
+
+
+def open_or_build(
+    cache_dir: str | os.PathLike,
+    key_fields: dict,
+    items: Callable[[], Iterable[tuple[str, torch.Tensor, torch.Tensor | None]]],
+    log: Callable[[str], None] | None = None,
+) -> FeatureStore:
+    """Return the cached entry for ``key_fields``, building it from ``items()`` when missing or broken.
+
+    ``items()`` yields ``(id, features D x h x w, label h' x w' or None)`` and is only called on a miss.
+    Safe when several processes ask for the same entry at once: one builds it, the others wait and read.
+    """
+    path = entry_path(cache_dir, key_fields)
+    store = open_entry(path)
+    if store is not None:
+        return store
+    with entry_lock(path, log):
+        store = open_entry(path)   # built by another process while this one waited
+        if store is not None:
+            return store
+        return build_entry(path, key_fields, items)

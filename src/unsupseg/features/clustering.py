@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .source import iter_maps
+
 _CHUNK = 32768   # rows per assignment block: bounds the N x K score matrix
 
 
@@ -162,9 +164,9 @@ def gather_tokens(store, max_samples: int, generator: torch.Generator) -> Tensor
     offsets = torch.cumsum(counts, 0) - counts
     image_of = torch.searchsorted(offsets, chosen, right=True) - 1
     tokens = []
-    for i in image_of.unique().tolist():
+    for i, features in iter_maps(store, image_of.unique().tolist()):
         local = chosen[image_of == i] - offsets[i]
-        tokens.append(store[i].flatten(1).T[local].float())
+        tokens.append(features.flatten(1).T[local].float())
     return F.normalize(torch.cat(tokens), dim=1)
 
 

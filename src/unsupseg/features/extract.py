@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import torch
 
-from .._progress import track
 from ..errors import DataError
-from .cache import FeatureStore, default_cache_dir, open_or_build
+from .cache import FeatureStore
+from .source import open_features
 
 
 def iter_preprocessed(dataset, preprocess, strict: bool = False) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
@@ -59,6 +59,7 @@ def extract_features(
     batch_size: int = 8,
     flip: bool = False,
     strict: bool = False,
+    workers: int | None = None,
     description: str = "extracting features",
 ) -> FeatureStore:
     """Features of every image of ``dataset`` (D x h x w each), read from the cache when present.
@@ -66,24 +67,8 @@ def extract_features(
     ``flip=True`` stores the features of the horizontally flipped images (for flip averaging);
     they are not flipped back. A cache hit never runs the backbone.
     """
-    fields = {
-        "backbone": backbone.name,
-        "weights": backbone.weights_id,
-        "preprocess": repr(preprocess),
-        "flip": flip,
-        "dataset": getattr(dataset, "name", type(dataset).__name__),
-        "fingerprint": dataset.fingerprint(),
-    }
-
-    options = getattr(backbone, "options", None)
-    if options:
-        fields["options"] = options   # e.g. num_heads changes the features but not the weights id
-
-    def items():
-        source = iter_preprocessed(dataset, preprocess, strict=strict)
-        yield from track(batched_forward(backbone, source, batch_size, flip=flip), len(dataset), description)
-
-    store = open_or_build(cache_dir or default_cache_dir(), fields, items)
-    if len(store) == 0:
-        raise DataError(f"no readable image in {getattr(dataset, 'root', dataset)}")
+    store, _ = open_features(backbone, dataset, preprocess, cache="always", cache_dir=cache_dir,
+                             batch_size=batch_size, flip=flip, strict=strict, workers=workers,
+                             log=lambda msg: None, warn=lambda msg: warnings.warn(msg, stacklevel=3),
+                             description=description)
     return store

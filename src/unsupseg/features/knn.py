@@ -21,13 +21,14 @@ import torch.nn.functional as F
 from .._io import atomic_path
 from ..errors import ConfigError
 from .cache import FeatureStore
+from .source import iter_maps
 
 
 def pooled_descriptors(store: FeatureStore) -> torch.Tensor:
     """N x D float32: every feature map averaged over its positions, L2-normalised."""
     desc = torch.empty(len(store), store.dim)
-    for i in range(len(store)):
-        desc[i] = store[i].float().mean(dim=(1, 2))
+    for i, features in iter_maps(store):
+        desc[i] = features.mean(dim=(1, 2))
     return F.normalize(desc, dim=1)
 
 
@@ -63,8 +64,10 @@ def knn_table(store: FeatureStore, k: int = 30, chunk: int = 4096) -> tuple[torc
     Read from ``<store.path>/knn_top<k>.npy`` when present and well-formed, else computed and written
     there atomically.
     """
-    path = store.path / f"knn_top{k}.npy"
     n = len(store)
+    if store.path is None:   # streamed features: computed, never written
+        return knn_indices(pooled_descriptors(store), k, chunk), False
+    path = store.path / f"knn_top{k}.npy"
     if path.exists():
         try:
             table = np.load(path, allow_pickle=False)

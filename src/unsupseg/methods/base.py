@@ -13,7 +13,7 @@ The Segmenter (api layer) does flip averaging, tiling, upsampling, CRF and argma
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ class FitContext:
     config: RunConfig
     params: Any                          # the method's Params instance
     backbone: nn.Module                  # frozen Backbone
-    features: Callable[..., Any]         # features(resolution=None, split=None, flip=False) -> FeatureStore
+    features: Callable[..., Any]         # features(resolution=None, flip=False) -> FeatureStore or StreamSource (same reads)
     dataset: Any                         # the training SegDataset (images, labels when known)
     num_classes: int | None              # classes of the labelled data (linear probe only), else None
     dist: Dist
@@ -43,6 +43,28 @@ class FitContext:
     def generator(self, offset: int = 0) -> torch.Generator:
         """A CPU generator seeded from the run seed (``offset`` separates independent streams)."""
         return torch.Generator().manual_seed(self.config.seed * 1000 + offset)
+
+
+@dataclass
+class StagePlan:
+    name: str
+    steps_per_epoch: int
+    total_steps: int
+    images_per_step: int
+
+
+@dataclass
+class FitPlan:
+    """What a fit will do, from the config and the number of training items alone (``fit --plan``).
+
+    ``resolutions``: the training resolutions whose features the method reads (None: data.resolution);
+    ``memory``: (what, bytes) of the large state it holds while training.
+    """
+
+    resolutions: list[int | None]
+    stages: list[StagePlan]
+    memory: list[tuple[str, int]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass

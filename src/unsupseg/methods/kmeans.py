@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..features.clustering import gather_tokens, spherical_kmeans
-from .base import FitContext, Predictor, PredictorInfo, cosine_scores
+from .base import FitContext, FitPlan, Predictor, PredictorInfo, cosine_scores
 
 
 @dataclass
@@ -32,6 +32,12 @@ def fit(ctx: FitContext) -> dict[str, torch.Tensor]:
     centroids = spherical_kmeans(tokens, ctx.config.clusters, ctx.generator(2), restarts=params.restarts,
                                  iterations=params.iterations, tolerance=params.tolerance)
     return {"centroids": centroids.contiguous()}
+
+
+def plan(params: Params, method: str, clusters: int, n_items: int, dim: int, tokens: int) -> FitPlan:
+    return FitPlan([None], [], [("sampled tokens (float32)", min(tokens, params.max_samples) * dim * 4)],
+                   [f"one pass over the features; {params.restarts} restarts x up to {params.iterations} iterations "
+                    f"on {params.max_samples} sampled tokens"])
 
 
 class KMeansPredictor(Predictor):

@@ -35,7 +35,7 @@ from torch import nn
 from ..engine import GeneratorState, Stage, run_stage
 from ..errors import CheckpointError, ConfigError
 from ..features.knn import knn_table, sample_neighbours
-from .base import FitContext, Predictor, PredictorInfo, cosine_scores
+from .base import FitContext, FitPlan, Predictor, PredictorInfo, StagePlan, cosine_scores
 
 
 LINEAR_PROBE = ("linear_probe.weight", "linear_probe.bias")   # on the code, see LinearProbe
@@ -343,7 +343,8 @@ def neighbour_table(ctx: FitContext, store) -> torch.Tensor:
     pool = min(ctx.params.knn_pool, len(store))
     if ctx.dist.is_main:
         table, hit = knn_table(store, pool)
-        ctx.log(f"kNN table ({len(store)} images, top {pool}): {'read from cache' if hit else 'computed'} in {store.path}")
+        ctx.log(f"kNN table ({len(store)} images, top {pool}): {'read from cache' if hit else 'computed'}"
+                + (f" in {store.path}" if store.path is not None else " (streamed features, not cached)"))
     ctx.dist.barrier()
     if not ctx.dist.is_main:
         table, _ = knn_table(store, pool)
@@ -382,12 +383,18 @@ def build_training(ctx: FitContext, store, table: torch.Tensor) -> tuple[Stage, 
 
     def load(indices: torch.Tensor, windows, labels: bool):
         c = params.crop
+        index = indices.tolist()
+        # one read for the batch (one backbone pass when the features are streamed), then the windows
+        if len({store.shapes[i] for i in index}) == 1:
+            full, full_labels = store.batch(index), store.labels(index) if labels else None
+        else:
+            full = [store[i].float() for i in index]
+            full_labels = [store.label(i) for i in index] if labels else None
         maps, maps_labels = [], []
-        for i, (y, x) in zip(indices.tolist(), windows):
-            f = store[i] if c is None else store[i][:, y : y + c, x : x + c]
-            maps.append(f.float())
+        for j, (i, (y, x)) in enumerate(zip(index, windows)):
+            maps.append(full[j] if c is None else full[j][:, y : y + c, x : x + c])
             if labels:
-                lab = store.label(i)
+                lab = full_labels[j]
                 scale = lab.shape[0] // store.shapes[i][1]
                 maps_labels.append(lab if c is None else lab[y * scale : (y + c) * scale, x * scale : (x + c) * scale])
         feats = torch.stack(maps).to(device)
@@ -426,6 +433,13 @@ def build_training(ctx: FitContext, store, table: torch.Tensor) -> tuple[Stage, 
         checkpoint_every=params.checkpoint_every,
     )
     return stage, model
+
+
+def plan(params: Params, method: str, clusters: int, n_items: int, dim: int, tokens: int) -> FitPlan:
+    per_epoch = max(1, n_items // params.batch_size)
+    return FitPlan([None], [StagePlan("stego", per_epoch, params.steps, params.batch_size)],
+                   [("kNN descriptors (float32)", n_items * dim * 4), ("kNN table (int64)", n_items * params.knn_pool * 8)],
+                   ["one pass over the features for the kNN table, then training"])
 
 
 def fit(ctx: FitContext) -> dict[str, torch.Tensor]:

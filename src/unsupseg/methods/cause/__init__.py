@@ -7,9 +7,9 @@ heads (methods ``cause-mlp`` and ``cause-tr``), as specified in cause.md.
 
 from .params import Params
 from .predictor import build_predictor
-from .trainer import fit
+from .trainer import fit, plan
 
 # the supervised monitoring probe on the teacher head's output (scored by `evaluate --probe linear`)
 LINEAR_PROBE = ("linear.weight", "linear.bias")
 
-__all__ = ["LINEAR_PROBE", "Params", "build_predictor", "fit"]
+__all__ = ["LINEAR_PROBE", "Params", "build_predictor", "fit", "plan"]

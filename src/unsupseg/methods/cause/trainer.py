@@ -35,6 +35,7 @@ from .losses import (
     probe_loss,
     sample_grid,
 )
+from ..base import FitPlan, StagePlan
 from .params import Params
 
 VARIANTS = {"cause-mlp": "mlp", "cause-tr": "tr"}
@@ -48,7 +49,7 @@ class StoreSource:
         shapes = set(store.shapes)
         if len(shapes) != 1:
             raise ConfigError(
-                f"CAUSE trains on batches of equally sized images, but the features in {store.path} have "
+                f"CAUSE trains on batches of equally sized images, but the training features have "
                 f"{len(shapes)} different shapes: set data.mode to short_crop or square"
             )
         self.store = store
@@ -476,6 +477,21 @@ def run_cause(
     if variant == "tr":
         state["grid"] = torch.tensor(front.grid)
     return state
+
+
+def plan(params: Params, method: str, clusters: int, n_items: int, dim: int, tokens: int) -> FitPlan:
+    stages = []
+    for name, epochs in (("cause-step1-clusterbook", params.mediator_epochs), ("cause-step2-front-door", params.head_epochs),
+                         ("cause-step3-cluster", params.cluster_epochs)):
+        schedule = make_schedule(params, n_items, epochs, 0)
+        stages.append(StagePlan(name, schedule.steps_per_epoch, schedule.total, params.batch_size))
+    bank = params.concepts * params.bank_size * params.projection_dim * 4
+    return FitPlan(
+        [params.mediator_resolution, params.train_resolution], stages,
+        [(f"concept bank (concepts {params.concepts} x bank_size {params.bank_size} x projection_dim "
+          f"{params.projection_dim} x 4 bytes), also in each Step 2 checkpoint", bank),
+         (f"clusterbook ({params.concepts} x {dim} x 4 bytes)", params.concepts * dim * 4)],
+    )
 
 
 def fit(ctx) -> dict[str, Tensor]:

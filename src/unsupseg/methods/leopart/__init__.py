@@ -42,19 +42,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pathlib import Path
-
 from ...data import Preprocess, build_dataset
 from ...errors import ConfigError, DataError
 from ...features.cache import default_cache_dir, open_or_build
 from ...features.extract import batched_forward, extract_features, iter_preprocessed
-from ..base import FitContext, Predictor, PredictorInfo
 from ...features.clustering import PCA, assign, fit_pca, kmeans
+from ...features.source import iter_maps
+from ..base import FitContext, FitPlan, Predictor, PredictorInfo
 from .merge import (
     build_graph,
     cluster_precision_scores,
@@ -162,6 +162,8 @@ def _attention_maps(ctx: FitContext, dataset, prep: Preprocess, store) -> list[T
         source = iter_preprocessed(dataset, prep, strict=cfg.data.strict)
         yield from batched_forward(_MeanAttention(net), source, cfg.batch_size)
 
+    if store.path is None:   # streamed features (data.cache never or auto over budget): nothing is cached
+        return [m[0].float() for _, m, _ in items()]
     cache = open_or_build(cfg.cache_dir or default_cache_dir(), fields, items)
     if cache.ids != store.ids:
         raise DataError(f"the attention maps in {cache.path} do not cover the same images as the features in {store.path}")
@@ -198,7 +200,7 @@ def _noisy_foreground(ctx: FitContext, p: Params, store, dataset, prep: Preproce
             raise ConfigError(f"params.saliency=attention needs a ViT backbone, got {ctx.config.backbone.name!r}")
         maps = _attention_maps(ctx, dataset, prep, store)
     else:
-        maps = [distinctiveness(store[i][None])[0] for i in range(len(store))]
+        maps = [distinctiveness(m[None])[0] for _, m in iter_maps(store)]
     ctx.log(f"leopart: noisy foreground of {split} from {kind} (mass {p.saliency_mass})")
     return [mass_foreground(m[None], p.saliency_mass)[0] for m in maps]
 
@@ -235,6 +237,11 @@ def _cbfe(ctx: FitContext, store, p: Params, tokens: Tensor, shapes: list[tuple[
     return masks, centroids, fg_set, scores, tau
 
 
+def plan(params: Params, method: str, clusters: int, n_items: int, dim: int, tokens: int) -> FitPlan:
+    return FitPlan([None], [], [(f"every training token after PCA ({tokens} x {params.pca_dim} x 4 bytes)",
+                                 tokens * params.pca_dim * 4)], ["two passes over the features for the PCA, one more to project"])
+
+
 def fit(ctx: FitContext) -> dict[str, Tensor]:
     p: Params = ctx.params
     clusters = ctx.config.clusters
@@ -244,10 +251,9 @@ def fit(ctx: FitContext) -> dict[str, Tensor]:
         return _fit_reference(ctx, p, clusters, backend)
     tic = time.perf_counter()
     store = ctx.features()
-    n = len(store)
     shapes = [tuple(s[1:]) for s in store.shapes]
-    pca = fit_pca(lambda: (store[i].float().flatten(1).T for i in range(n)), p.pca_dim)
-    tokens = torch.cat([pca.transform(store[i].float().flatten(1).T) for i in range(n)])
+    pca = fit_pca(lambda: (m.flatten(1).T for _, m in iter_maps(store)), p.pca_dim)
+    tokens = torch.cat([pca.transform(m.flatten(1).T) for _, m in iter_maps(store)])
     ctx.log(f"leopart: PCA {store.dim} -> {p.pca_dim} of {len(tokens)} tokens ({time.perf_counter() - tic:.0f} s)")
 
     if p.foreground == "cbfe":
