@@ -210,8 +210,8 @@ def fit(
 
 @dataclass
 class Prediction:
-    labels: np.ndarray            # H x W int64 cluster ids
-    probabilities: torch.Tensor   # C x H x W (after the CRF when enabled)
+    labels: np.ndarray            # H x W int64 cluster ids (B x H x W from predict_tensors)
+    probabilities: torch.Tensor | None   # C x H x W (after the CRF when enabled); None when not asked for
 
 
 class Segmenter:
@@ -292,9 +292,10 @@ class Segmenter:
         return refine_batch(rgb.to(logp.device), logp)
 
     @torch.no_grad()
-    def predict_tensors(self, images: torch.Tensor, crf: bool | None = None) -> Prediction:
+    def predict_tensors(self, images: torch.Tensor, crf: bool | None = None, probabilities: bool = True) -> Prediction:
         """Predictions for a batch of same-sized preprocessed images (B x 3 x H x W float in [0, 1]):
-        labels B x H x W, probabilities B x C x H x W. Each image's are those it gets alone."""
+        labels B x H x W, probabilities B x C x H x W (None unless ``probabilities``: they are C times
+        the labels' size to copy off the device). Each image's are those it gets alone."""
         crf = self.config.test.crf if crf is None else crf
         h, w = images.shape[-2:]
         s = self.backbone.stride
@@ -305,7 +306,7 @@ class Segmenter:
             flipped = self.backbone(batch.flip(-1)) if self.config.test.flip else None
         scores = self.scores(feats, flipped, tuple(batch.shape[-2:]))[:, :, :h, :w]
         probs = self._finish(scores, batch[:, :, :h, :w], crf)
-        return Prediction(probs.argmax(1).cpu().numpy(), probs.cpu())
+        return Prediction(probs.argmax(1).cpu().numpy(), probs.cpu() if probabilities else None)
 
     def predict_tensor(self, image: torch.Tensor, crf: bool | None = None) -> Prediction:
         """Prediction for one preprocessed image (3 x H x W float in [0, 1])."""
@@ -344,7 +345,7 @@ class Segmenter:
 
         def run(shape):
             group = groups.pop(shape)
-            labels = self.predict_tensors(torch.stack([t for _, _, t in group]), crf).labels
+            labels = self.predict_tensors(torch.stack([t for _, _, t in group]), crf, probabilities=False).labels
             for (key, pil, _), lab in zip(group, labels):
                 yield key, pil, self._displayed(lab, pil)
 
