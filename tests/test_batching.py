@@ -75,6 +75,15 @@ def test_predict_batch_equals_one_image_at_a_time(backbone, variant):
     assert sizes == [3, 3, 3, 3]
 
 
+def test_cpu_default_is_one_photo_per_forward():
+    # CPU results stay exactly those of one at a time; a GPU batches the run's batch_size by default
+    seg = cause_segmenter("efficientnet_lite0", "mlp", flip=False)
+    assert seg.config.batch_size == 8 and seg.batch_size == 1
+    sizes = batch_sizes_seen(seg)
+    seg.predict_batch(photos([(64, 48)] * 3))
+    assert sizes == [1, 1, 1]
+
+
 @pytest.mark.parametrize("crf", [False, True])
 def test_batched_probabilities_match_single_ones(crf):
     seg = cause_segmenter("efficientnet_lite0", "mlp")

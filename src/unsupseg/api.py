@@ -253,6 +253,13 @@ class Segmenter:
         return self.config.clusters
 
     @property
+    def batch_size(self) -> int:
+        """Photos per forward pass unless told: the run's ``batch_size`` on a GPU, 1 on CPU. Batched
+        kernels round the last bits differently from single ones, which flips a few pixels at near
+        ties; on CPU batching gains little, so CPU results stay exactly those of one at a time."""
+        return self.config.batch_size if self.device.type == "cuda" else 1
+
+    @property
     def resolution(self) -> int:
         return self.config.test.resolution or self.config.data.resolution
 
@@ -332,12 +339,12 @@ class Segmenter:
                        batch_size: int | None = None) -> Iterator[tuple[object, Image.Image, np.ndarray]]:
         """``(key, photo, labels at the photo's size)`` for each ``(key, PIL photo)`` of ``items``.
 
-        Photos are grouped by preprocessed size and run ``batch_size`` (default: the run's
-        ``batch_size``) to a forward pass. At most ``batch_size`` photos are held: when that many
+        Photos are grouped by preprocessed size and run ``batch_size`` (default: ``self.batch_size``)
+        to a forward pass. At most ``batch_size`` photos are held: when that many
         wait, the largest same-size group runs, so results come out of input order. Memory stays
         bounded by the batch size, whatever the number of photos.
         """
-        size = batch_size or self.config.batch_size
+        size = batch_size or self.batch_size
         if size < 1:
             raise ConfigError(f"batch size must be at least 1, got {size}")
         prep = self.preprocess()
@@ -424,8 +431,9 @@ def evaluate(
 ) -> dict:
     """Score a run on a labelled split (confusion over the whole split, then matching).
 
-    Images of the same size are scored ``batch_size`` (default: the run's) at a time, with the same
-    result as one by one. ``precision`` (auto | bf16 | fp32) applies when ``run`` is a path.
+    Images of the same size are scored ``batch_size`` at a time (default: the run's ``batch_size`` on
+    a GPU, 1 on CPU; see ``Segmenter.batch_size``). ``precision`` (auto | bf16 | fp32) applies when
+    ``run`` is a path.
     """
     seg = run if isinstance(run, Segmenter) else load(run, precision=precision)
     config = seg.config
@@ -440,7 +448,7 @@ def evaluate(
     flipped = extract_features(seg.backbone, data, prep, flip=True, description=f"{split} flipped", **kwargs) if flip else None
     matching = matching or ("hungarian" if seg.num_clusters <= data.num_classes else "many-to-one")
     confusion = ConfusionMatrix(seg.num_clusters, data.num_classes)
-    chunks = same_shape_chunks(store, batch_size or config.batch_size)
+    chunks = same_shape_chunks(store, batch_size or seg.batch_size)
     for chunk in track(chunks, len(chunks), f"evaluating {dataset}/{split}"):
         labels = store.labels(chunk)
         scores = seg.scores(store.batch(chunk), flipped.batch(chunk) if flipped is not None else None,
@@ -548,13 +556,14 @@ def segment(
     """Write ``<name>.png`` (cluster id per pixel, at the photo's displayed size) and
     ``<name>_overlay.jpg`` for every input image; returns the masks written, in the order written.
 
-    Photos of the same size are segmented ``batch_size`` (default: the run's) at a time, with the
-    same labels as one by one; at most that many are held (bounded memory). Under torchrun each
-    process takes every world-size-th image of the sorted inputs, so the processes share the work
-    and no two write the same file. Images whose outputs exist are skipped unless ``overwrite``;
-    unreadable images are skipped with a warning (an error when ``strict``); images above
-    ``max_pixels`` are downscaled with a warning and their outputs written at that size. Every file
-    is written atomically. ``precision`` (auto | bf16 | fp32) applies when ``run`` is a path.
+    Photos of the same size are segmented ``batch_size`` at a time (default: the run's ``batch_size``
+    on a GPU, 1 on CPU; see ``Segmenter.batch_size``); at most that many are held (bounded memory).
+    Under torchrun each process takes every world-size-th image of the sorted inputs, so the
+    processes share the work and no two write the same file. Images whose outputs exist are skipped
+    unless ``overwrite``; unreadable images are skipped with a warning (an error when ``strict``);
+    images above ``max_pixels`` are downscaled with a warning and their outputs written at that size.
+    Every file is written atomically. ``precision`` (auto | bf16 | fp32) applies when ``run`` is a
+    path.
     """
     seg = run if isinstance(run, Segmenter) else load(run, precision=precision)
     out = Path(out)

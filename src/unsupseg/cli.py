@@ -84,7 +84,7 @@ def segment(
     overwrite: bool = typer.Option(False, help="Redo images whose outputs exist."),
     strict: bool = typer.Option(False, help="Stop at the first unreadable image instead of skipping it."),
     max_pixels: int = typer.Option(40_000_000, help="Downscale (with a warning) photos larger than this."),
-    batch_size: Optional[int] = typer.Option(None, help="Same-size photos per forward pass (default: the run's batch_size)."),
+    batch_size: Optional[int] = typer.Option(None, help="Same-size photos per forward pass (default: the run's batch_size on a GPU, 1 on CPU)."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA), bf16 or fp32 (default: the run's)."),
 ) -> None:
     """Segment photos with a fitted run (under torchrun, each process takes its share of the photos)."""
@@ -107,7 +107,7 @@ def evaluate(
     overcluster: list[int] = typer.Option([], help="Over-clustering protocol instead: k-means with K clusters "
                                            "on the split's backbone features, many-to-one matching (repeatable)."),
     seeds: int = typer.Option(5, help="Over-clustering: number of k-means seeds averaged."),
-    batch_size: Optional[int] = typer.Option(None, help="Same-size images per forward pass (default: the run's batch_size)."),
+    batch_size: Optional[int] = typer.Option(None, help="Same-size images per forward pass (default: the run's batch_size on a GPU, 1 on CPU)."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA), bf16 or fp32 (default: the run's)."),
 ) -> None:
     """Score a run on a labelled split (Hungarian matching), or over-cluster its features."""
