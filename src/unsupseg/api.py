@@ -9,7 +9,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from .config import (
 )
 from .data import CROP_KINDS, CroppedDataset, CropView, ImageFolder, Preprocess, build_dataset, load_image
 from .data.images import DEFAULT_MAX_PIXELS
-from .engine import init_distributed
+from .engine import autocast, init_distributed, resolve_precision
 from .errors import ConfigError, DataError
 from .evaluation.metrics import ConfusionMatrix, leopart_score, score
 from .evaluation.visualize import overlay
@@ -182,12 +182,14 @@ def fit(
     config = fit_config(method, backbone=backbone, backbone_weights=backbone_weights, images=images, dataset=dataset,
                         root=root, split=split, clusters=clusters, preset=preset, config_file=config_file,
                         overrides=overrides)
-    dist = init_distributed(config.device)
+    dist = init_distributed(config.device, config.precision)
     out = Path(out)
     resuming = rundir.prepare(out, config, overwrite) if dist.is_main else False
     dist.barrier()
     if resuming:
         log(f"resuming the unfinished run in {out}")
+    if dist.precision == "bf16":
+        log(f"training steps in bf16 autocast on {dist.device} (float32 weights); --set precision=fp32 turns it off")
     torch.manual_seed(config.seed)
     train_data = build_train_dataset(config)
     net = build_backbone(config.backbone.name, config.backbone.weights, device=dist.device, **config.backbone.options)
@@ -293,22 +295,29 @@ def plan(config: RunConfig, cache_dir: str | os.PathLike | None = None, throughp
 
 @dataclass
 class Prediction:
-    labels: np.ndarray            # H x W int64 cluster ids
-    probabilities: torch.Tensor   # C x H x W (after the CRF when enabled)
+    labels: np.ndarray            # H x W int64 cluster ids (B x H x W from predict_tensors)
+    probabilities: torch.Tensor | None   # C x H x W (after the CRF when enabled); None when not asked for
 
 
 class Segmenter:
-    """Backbone + method predictor + test-time recipe (resolution, flip, tiling, CRF)."""
+    """Backbone + method predictor + test-time recipe (resolution, flip, tiling, CRF).
 
-    def __init__(self, config: RunConfig, backbone, predictor: Predictor, device: torch.device, path: Path | None = None):
+    ``precision`` (auto | bf16 | fp32, default the run's ``precision``): the backbone and head run in
+    bf16 autocast when it resolves to bf16 (auto: on a CUDA device); the CRF and the softmax before
+    it always run in float32.
+    """
+
+    def __init__(self, config: RunConfig, backbone, predictor: Predictor, device: torch.device, path: Path | None = None,
+                 precision: str | None = None):
         self.config = config
         self.backbone = backbone
         self.predictor = predictor.to(device).eval()
         self.device = device
         self.path = path
+        self.precision = resolve_precision(precision or config.precision, device)
 
     @classmethod
-    def from_run(cls, run: rundir.Run, backbone=None, device: str | None = None) -> "Segmenter":
+    def from_run(cls, run: rundir.Run, backbone=None, device: str | None = None, precision: str | None = None) -> "Segmenter":
         config = run.config
         dev = init_distributed(device or config.device).device
         if backbone is None:
@@ -322,11 +331,18 @@ class Segmenter:
         module = get_method(config.method)
         info = PredictorInfo(num_clusters=config.clusters, feature_dim=backbone.dim, stride=backbone.stride)
         predictor = module.build_predictor(_method_params(config), run.state, info)
-        return cls(config, backbone, predictor, dev, run.path)
+        return cls(config, backbone, predictor, dev, run.path, precision)
 
     @property
     def num_clusters(self) -> int:
         return self.config.clusters
+
+    @property
+    def batch_size(self) -> int:
+        """Photos per forward pass unless told: the run's ``batch_size`` on a GPU, 1 on CPU. Batched
+        kernels round the last bits differently from single ones, which flips a few pixels at near
+        ties; on CPU batching gains little, so CPU results stay exactly those of one at a time."""
+        return self.config.batch_size if self.device.type == "cuda" else 1
 
     @property
     def resolution(self) -> int:
@@ -350,13 +366,16 @@ class Segmenter:
 
     @torch.no_grad()
     def scores(self, features: torch.Tensor, flipped: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
-        """B x C x H x W scores from B x D x h x w features (and those of the flipped images)."""
-        emb = self._embed(features.to(self.device).float())
-        if flipped is not None:
-            emb = (emb + self._embed(flipped.to(self.device).float()).flip(-1)) / 2
-        if self.predictor.upsample_scores:
-            return F.interpolate(self.predictor.classify(emb), size=size, mode="bilinear", align_corners=False)
-        return self.predictor.classify(F.interpolate(emb, size=size, mode="bilinear", align_corners=False))
+        """B x C x H x W float32 scores from B x D x h x w features (and those of the flipped images)."""
+        with autocast(self.device, self.precision):
+            emb = self._embed(features.to(self.device).float())
+            if flipped is not None:
+                emb = (emb + self._embed(flipped.to(self.device).float()).flip(-1)) / 2
+            if self.predictor.upsample_scores:
+                out = F.interpolate(self.predictor.classify(emb), size=size, mode="bilinear", align_corners=False)
+            else:
+                out = self.predictor.classify(F.interpolate(emb, size=size, mode="bilinear", align_corners=False))
+        return out.float()
 
     def _finish(self, scores: torch.Tensor, images: torch.Tensor | None, crf: bool) -> torch.Tensor:
         """Probabilities B x C x H x W: softmax(alpha * scores), refined by the CRF when asked."""
@@ -369,34 +388,85 @@ class Segmenter:
         return refine_batch(rgb.to(logp.device), logp)
 
     @torch.no_grad()
-    def predict_tensor(self, image: torch.Tensor, crf: bool | None = None) -> Prediction:
-        """Prediction for one preprocessed image (3 x H x W float in [0, 1])."""
+    def predict_tensors(self, images: torch.Tensor, crf: bool | None = None, probabilities: bool = True) -> Prediction:
+        """Predictions for a batch of same-sized preprocessed images (B x 3 x H x W float in [0, 1]):
+        labels B x H x W, probabilities B x C x H x W (None unless ``probabilities``: they are C times
+        the labels' size to copy off the device). Each image's are those it gets alone."""
         crf = self.config.test.crf if crf is None else crf
-        h, w = image.shape[-2:]
+        h, w = images.shape[-2:]
         s = self.backbone.stride
         # pad (edge replication) up to a multiple of the stride, so every pixel is predicted
-        batch = F.pad(image[None].to(self.device), (0, -w % s, 0, -h % s), mode="replicate")
-        feats = self.backbone(batch)
-        flipped = self.backbone(batch.flip(-1)) if self.config.test.flip else None
+        batch = F.pad(images.to(self.device), (0, -w % s, 0, -h % s), mode="replicate")
+        with autocast(self.device, self.precision):
+            feats = self.backbone(batch)
+            flipped = self.backbone(batch.flip(-1)) if self.config.test.flip else None
         scores = self.scores(feats, flipped, tuple(batch.shape[-2:]))[:, :, :h, :w]
-        probs = self._finish(scores, batch[:, :, :h, :w], crf)[0]
-        return Prediction(probs.argmax(0).cpu().numpy(), probs.cpu())
+        probs = self._finish(scores, batch[:, :, :h, :w], crf)
+        return Prediction(probs.argmax(1).cpu().numpy(), probs.cpu() if probabilities else None)
+
+    def predict_tensor(self, image: torch.Tensor, crf: bool | None = None) -> Prediction:
+        """Prediction for one preprocessed image (3 x H x W float in [0, 1])."""
+        pred = self.predict_tensors(image[None], crf)
+        return Prediction(pred.labels[0], pred.probabilities[0])
 
     def predict(self, image, crf: bool | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
         """Cluster id per pixel (H x W) for a photo (path or PIL image) at its displayed size.
 
         A file above ``max_pixels`` is downscaled on load (with a warning) and labelled at that size.
         """
-        pil = load_image(image, max_pixels=max_pixels) if not isinstance(image, Image.Image) else image.convert("RGB")
-        tensor, _ = self.preprocess().apply(pil)
-        labels = self.predict_tensor(tensor, crf).labels
-        if labels.shape != (pil.height, pil.width):
-            labels = np.asarray(
-                Image.fromarray(labels.astype(np.uint8 if self.num_clusters <= 256 else np.int32)).resize(
-                    (pil.width, pil.height), Image.NEAREST
-                )
+        return self.predict_batch([image], crf, max_pixels)[0]
+
+    def predict_batch(self, images: Sequence, crf: bool | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                      batch_size: int | None = None) -> list[np.ndarray]:
+        """``predict`` of several photos (paths or PIL images), in their order; photos of the same
+        preprocessed size go through the backbone and the head together (see ``predict_stream``)."""
+        pils = [load_image(im, max_pixels=max_pixels) if not isinstance(im, Image.Image) else im for im in images]
+        labels = {i: lab for i, _, lab in self.predict_stream(enumerate(pils), crf, batch_size)}
+        return [labels[i] for i in range(len(pils))]
+
+    def predict_stream(self, items: Iterable[tuple[object, Image.Image]], crf: bool | None = None,
+                       batch_size: int | None = None) -> Iterator[tuple[object, Image.Image, np.ndarray]]:
+        """``(key, photo, labels at the photo's size)`` for each ``(key, PIL photo)`` of ``items``.
+
+        Photos are grouped by preprocessed size and run ``batch_size`` (default: ``self.batch_size``)
+        to a forward pass. At most ``batch_size`` photos are held: when that many
+        wait, the largest same-size group runs, so results come out of input order. Memory stays
+        bounded by the batch size, whatever the number of photos.
+        """
+        size = batch_size or self.batch_size
+        if size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {size}")
+        prep = self.preprocess()
+        groups: dict[tuple[int, ...], list[tuple[object, Image.Image, torch.Tensor]]] = {}
+
+        def run(shape):
+            group = groups.pop(shape)
+            labels = self.predict_tensors(torch.stack([t for _, _, t in group]), crf, probabilities=False).labels
+            for (key, pil, _), lab in zip(group, labels):
+                yield key, pil, self._displayed(lab, pil)
+
+        waiting = 0
+        for key, image in items:
+            pil = image.convert("RGB")
+            tensor, _ = prep.apply(pil)
+            groups.setdefault(tuple(tensor.shape), []).append((key, pil, tensor))
+            waiting += 1
+            if waiting == size:
+                largest = max(groups, key=lambda shape: len(groups[shape]))   # the oldest among equals
+                waiting -= len(groups[largest])
+                yield from run(largest)
+        for shape in list(groups):
+            yield from run(shape)
+
+    def _displayed(self, labels: np.ndarray, pil: Image.Image) -> np.ndarray:
+        """Labels resized (nearest) from the preprocessed size to the photo's."""
+        if labels.shape == (pil.height, pil.width):
+            return labels
+        return np.asarray(
+            Image.fromarray(labels.astype(np.uint8 if self.num_clusters <= 256 else np.int32)).resize(
+                (pil.width, pil.height), Image.NEAREST
             )
-        return labels
+        )
 
 
 def tiled_embed(embed: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -427,9 +497,9 @@ def tiled_embed(embed: Callable[[torch.Tensor], torch.Tensor], features: torch.T
     return (out / count)[:, :, :h, :w]
 
 
-def load(run_dir: str | os.PathLike, device: str | None = None) -> Segmenter:
-    """Rebuild the Segmenter of a finished run directory."""
-    return Segmenter.from_run(rundir.load(run_dir), device=device)
+def load(run_dir: str | os.PathLike, device: str | None = None, precision: str | None = None) -> Segmenter:
+    """Rebuild the Segmenter of a finished run directory (``precision``: auto | bf16 | fp32, default the run's)."""
+    return Segmenter.from_run(rundir.load(run_dir), device=device, precision=precision)
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -470,6 +540,8 @@ def evaluate(
     probe: str = "clusters",
     run_protocol: bool = True,
     json_path: str | os.PathLike | None = None,
+    batch_size: int | None = None,
+    precision: str | None = None,
 ) -> dict:
     """Score a run on a labelled split (confusion over the whole split, then matching).
 
@@ -477,8 +549,12 @@ def evaluate(
     CAUSE), with the identity mapping. A Leopart run fitted with ``params.protocol=reference`` is
     scored by the reference's protocol (``evaluate_leopart_reference``) unless ``run_protocol`` is
     False: then its predictions (as ``segment`` makes them) are scored like any run's.
+
+    Images of the same size are scored ``batch_size`` at a time (default: the run's ``batch_size`` on
+    a GPU, 1 on CPU; see ``Segmenter.batch_size``). ``precision`` (auto | bf16 | fp32) applies when
+    ``run`` is a path.
     """
-    seg = run if isinstance(run, Segmenter) else load(run)
+    seg = run if isinstance(run, Segmenter) else load(run, precision=precision)
     config = seg.config
     if probe not in PROBES:
         raise ConfigError(f"probe must be one of {', '.join(PROBES)}, got {probe!r}")
@@ -500,12 +576,15 @@ def evaluate(
     flipped = extract_features(seg.backbone, data, prep, flip=True, description=f"{split} flipped", **kwargs) if flip else None
     matching = matching or ("hungarian" if seg.num_clusters <= data.num_classes else "many-to-one")
     confusion = ConfusionMatrix(seg.num_clusters, data.num_classes)
-    for i in track(range(len(store)), len(store), f"evaluating {dataset}/{split}"):
-        label = store.label(i)
-        scores = seg.scores(store.batch([i]), flipped.batch([i]) if flipped is not None else None, tuple(label.shape))
-        image = prep.apply(data[i].image)[0][None] if crf else None
-        probs = seg._finish(scores, image, crf)
-        confusion.update(probs.argmax(1)[0], label)
+    chunks = same_shape_chunks(store, batch_size or seg.batch_size)
+    for chunk in track(chunks, len(chunks), f"evaluating {dataset}/{split}"):
+        labels = store.labels(chunk)
+        scores = seg.scores(store.batch(chunk), flipped.batch(chunk) if flipped is not None else None,
+                            tuple(labels.shape[-2:]))
+        images = torch.stack([prep.apply(data[i].image)[0] for i in chunk]) if crf else None
+        probs = seg._finish(scores, images, crf)
+        for pred, label in zip(probs.argmax(1), labels):
+            confusion.update(pred, label)
     result = score(confusion, matching)
     report = {
         **result.to_dict(data.classes),
@@ -590,6 +669,23 @@ def evaluate_leopart_reference(
     return report
 
 
+def same_shape_chunks(store, batch_size: int) -> list[list[int]]:
+    """The store's indices in order, cut into runs of at most ``batch_size`` consecutive images with
+    the same feature and label shapes (one forward each)."""
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    chunks: list[list[int]] = []
+    key = None
+    for i in range(len(store)):
+        shape = (store.shapes[i], store.label_shapes[i] if store.label_shapes is not None else None)
+        if chunks and shape == key and len(chunks[-1]) < batch_size:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+            key = shape
+    return chunks
+
+
 def evaluate_overcluster(
     run: str | os.PathLike | Segmenter,
     *,
@@ -646,33 +742,48 @@ def segment(
     overwrite: bool = False,
     strict: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    batch_size: int | None = None,
+    precision: str | None = None,
 ) -> list[Path]:
     """Write ``<name>.png`` (cluster id per pixel, at the photo's displayed size) and
-    ``<name>_overlay.jpg`` for every input image, one image at a time (bounded memory).
+    ``<name>_overlay.jpg`` for every input image; returns the masks written, in the order written.
 
-    Images whose outputs exist are skipped unless ``overwrite``; unreadable images are skipped with a
-    warning (an error when ``strict``); images above ``max_pixels`` are downscaled with a warning and
-    their outputs written at that size. Every file is written atomically.
+    Photos of the same size are segmented ``batch_size`` at a time (default: the run's ``batch_size``
+    on a GPU, 1 on CPU; see ``Segmenter.batch_size``); at most that many are held (bounded memory).
+    Under torchrun each process takes every world-size-th image of the sorted inputs, so the
+    processes share the work and no two write the same file. Images whose outputs exist are skipped
+    unless ``overwrite``; unreadable images are skipped with a warning (an error when ``strict``);
+    images above ``max_pixels`` are downscaled with a warning and their outputs written at that size.
+    Every file is written atomically. ``precision`` (auto | bf16 | fp32) applies when ``run`` is a
+    path.
     """
-    seg = run if isinstance(run, Segmenter) else load(run)
+    seg = run if isinstance(run, Segmenter) else load(run, precision=precision)
     out = Path(out)
-    # temporary files left by an interrupted earlier call (kill -9 skips the clean-up) go first
-    for stale in out.glob(".*.tmp") if out.is_dir() else []:
-        stale.unlink(missing_ok=True)
+    dist = init_distributed(seg.device.type)
+    # temporary files left by an interrupted earlier call (kill -9 skips the clean-up) go first;
+    # one process removes them before any starts writing its own
+    if dist.is_main:
+        for stale in out.glob(".*.tmp") if out.is_dir() else []:
+            stale.unlink(missing_ok=True)
+    dist.barrier()
     written: list[Path] = []
-    items = _inputs(inputs, strict)
-    for name, path in track(items, len(items), "segmenting"):
-        mask_path, overlay_path = out / f"{name}.png", out / f"{name}_overlay.jpg"
-        if not overwrite and mask_path.exists() and overlay_path.exists():
-            continue
-        try:
-            image = load_image(path, max_pixels=max_pixels)
-        except DataError as err:
-            if strict:
-                raise
-            warnings.warn(f"skipping unreadable image: {err}", stacklevel=2)
-            continue
-        labels = seg.predict(image, crf=crf)
+    items = _inputs(inputs, strict)[dist.rank :: dist.world_size]
+
+    def todo():
+        for name, path in track(items, len(items), "segmenting"):
+            mask_path, overlay_path = out / f"{name}.png", out / f"{name}_overlay.jpg"
+            if not overwrite and mask_path.exists() and overlay_path.exists():
+                continue
+            try:
+                image = load_image(path, max_pixels=max_pixels)
+            except DataError as err:
+                if strict:
+                    raise
+                warnings.warn(f"skipping unreadable image: {err}", stacklevel=2)
+                continue
+            yield (mask_path, overlay_path), image
+
+    for (mask_path, overlay_path), image, labels in seg.predict_stream(todo(), crf=crf, batch_size=batch_size):
         dtype = np.uint8 if seg.num_clusters <= 256 else np.uint16
         with atomic_path(mask_path) as tmp:
             Image.fromarray(labels.astype(dtype)).save(tmp, format="PNG")

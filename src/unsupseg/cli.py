@@ -111,11 +111,14 @@ def segment(
     overwrite: bool = typer.Option(False, help="Redo images whose outputs exist."),
     strict: bool = typer.Option(False, help="Stop at the first unreadable image instead of skipping it."),
     max_pixels: int = typer.Option(40_000_000, help="Downscale (with a warning) photos larger than this."),
+    batch_size: Optional[int] = typer.Option(None, help="Same-size photos per forward pass (default: the run's batch_size on a GPU, 1 on CPU)."),
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA), bf16 or fp32 (default: the run's)."),
 ) -> None:
-    """Segment photos with a fitted run."""
+    """Segment photos with a fitted run (under torchrun, each process takes its share of the photos)."""
     from .api import segment as api_segment
 
-    written = api_segment(run_dir, inputs, out_dir, crf=crf, overwrite=overwrite, strict=strict, max_pixels=max_pixels)
+    written = api_segment(run_dir, inputs, out_dir, crf=crf, overwrite=overwrite, strict=strict, max_pixels=max_pixels,
+                          batch_size=batch_size, precision=precision)
     out.print(f"wrote {len(written)} masks and overlays to {out_dir}")
 
 
@@ -133,6 +136,8 @@ def evaluate(
     seeds: int = typer.Option(5, help="Over-clustering: number of k-means seeds averaged."),
     probe: str = typer.Option("clusters", help="clusters (the unsupervised prediction), or linear: the run's "
                               "supervised linear probe (STEGO, CAUSE), identity mapping."),
+    batch_size: Optional[int] = typer.Option(None, help="Same-size images per forward pass (default: the run's batch_size on a GPU, 1 on CPU)."),
+    precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA), bf16 or fp32 (default: the run's)."),
 ) -> None:
     """Score a run on a labelled split (Hungarian matching), or over-cluster its features.
 
@@ -154,7 +159,7 @@ def evaluate(
     from .api import evaluate as api_evaluate
 
     report = api_evaluate(run_dir, dataset=dataset, root=root, split=split, crf=crf, flip=flip, probe=probe,
-                          json_path=json_path)
+                          json_path=json_path, batch_size=batch_size, precision=precision)
     if report.get("protocol") == "leopart-reference":
         print_seed_scores(report, f"{run_dir} on {dataset}/{split}, Leopart reference protocol")
         return

@@ -64,7 +64,8 @@ class RunConfig:
     seed: int = 0
     clusters: int = 27
     device: str = "auto"           # auto | cpu | cuda | cuda:N
-    batch_size: int = 8            # images per backbone forward
+    precision: str = "auto"        # auto (bf16 autocast on CUDA, float32 on CPU) | bf16 | fp32
+    batch_size: int = 8            # images per backbone forward (feature extraction, segment, evaluate)
     cache_dir: str | None = None
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -2,5 +2,7 @@
 
 from .distributed import Dist, init_distributed, resolve_device
 from .loop import GeneratorState, Stage, run_stage
+from .precision import PRECISIONS, autocast, resolve_precision
 
-__all__ = ["Dist", "GeneratorState", "Stage", "init_distributed", "resolve_device", "run_stage"]
+__all__ = ["PRECISIONS", "Dist", "GeneratorState", "Stage", "autocast", "init_distributed", "resolve_device",
+           "resolve_precision", "run_stage"]

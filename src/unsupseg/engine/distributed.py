@@ -1,7 +1,8 @@
 """torch.distributed wiring: one process per device, launched by ``torchrun``.
 
 Outside torchrun (no WORLD_SIZE in the environment) everything degrades to a single process.
-CPU runs use the gloo backend, CUDA runs nccl.
+CPU runs use the gloo backend, CUDA runs nccl. A Dist also carries the resolved precision of its
+device (``engine.precision``): ``run_stage`` runs every training step inside ``dist.autocast()``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ConfigError
+from .precision import autocast, resolve_precision
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -34,6 +36,11 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    precision: str = "fp32"        # resolved: bf16 (autocast) or fp32
+
+    def autocast(self):
+        """The mixed-precision context of this process's device (a no-op for fp32)."""
+        return autocast(self.device, self.precision)
 
     @property
     def is_main(self) -> bool:
@@ -96,11 +103,14 @@ class Dist:
             dist.barrier()
 
 
-def init_distributed(device: str = "auto") -> Dist:
-    """Join the process group when launched by torchrun; otherwise a single-process Dist."""
+def init_distributed(device: str = "auto", precision: str = "fp32") -> Dist:
+    """Join the process group when launched by torchrun; otherwise a single-process Dist.
+
+    ``precision`` (auto | bf16 | fp32) is resolved for the device; the default keeps float32."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist(device=resolve_device(device))
+        base = resolve_device(device)
+        return Dist(device=base, precision=resolve_precision(precision, base))
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     base = resolve_device(device)
@@ -109,4 +119,5 @@ def init_distributed(device: str = "auto") -> Dist:
         torch.cuda.set_device(base)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if base.type == "cuda" else "gloo")
-    return Dist(rank=rank, world_size=world, local_rank=local_rank, device=base)
+    return Dist(rank=rank, world_size=world, local_rank=local_rank, device=base,
+                precision=resolve_precision(precision, base))

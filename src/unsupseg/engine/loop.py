@@ -6,6 +6,13 @@ and the stateful objects to checkpoint (modules, optimizers, schedulers, banks, 
 saves all of them plus the global torch RNG (dropout) every ``checkpoint_every`` steps, atomically,
 and a resumed stage continues from the last checkpoint and ends with the same weights as an
 uninterrupted one.
+
+Every step runs inside ``dist.autocast()``: on a GPU the methods' forward passes and losses compute
+in bf16 with float32 weights (config ``precision``); on CPU, in float32 as written. Wrapping the
+whole step keeps the methods free of precision code; the backward ops then run in the dtype of
+their forward ops, as they would anyway, and the optimizers update the float32 weights. The context
+is entered anew for each step, so autocast's cache of bf16 weight copies is dropped after every
+optimizer step (a step never runs a forward after its optimizer step).
 """
 
 from __future__ import annotations
@@ -103,7 +110,8 @@ def run_stage(stage: Stage, ckpt_dir: str | Path | None, dist: Dist, log: Callab
             for i, batch in enumerate(stage.batches(epoch)):
                 if i < offset:
                     continue
-                logs = stage.step(step, batch)
+                with dist.autocast():
+                    logs = stage.step(step, batch)
                 step += 1
                 history.append(logs)
                 seen += int(logs.get("images", 0))

@@ -75,7 +75,9 @@ class FeatureStore:
 
     def batch(self, indices) -> torch.Tensor:
         """Stack same-shaped maps into B x D x h x w float32."""
-        return torch.stack([self[int(i)] for i in indices]).float()
+        # each map to float32 first: training steps run under autocast, which refuses to stack float16
+        # tensors in a bf16 region
+        return torch.stack([self[int(i)].float() for i in indices])
 
     def labels(self, indices) -> torch.Tensor:
         return torch.stack([self.label(int(i)) for i in indices])
