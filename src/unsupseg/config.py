@@ -21,6 +21,7 @@ import yaml
 from .errors import ConfigError
 
 CONFIG_VERSION = 1
+CROP_KINDS = ("none", "five", "double", "super")
 
 
 @dataclass
@@ -41,6 +42,11 @@ class DataConfig:
     mode: str = "short"            # short | short_crop | square | none
     interpolation: str = "bilinear"
     strict: bool = False           # unreadable images are errors instead of skipped
+    crop: str = "none"             # training crops cut on the fly from each image (cause.md §1.4): none | five | double | super
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROP_KINDS:
+            raise ConfigError(f"data.crop must be one of {', '.join(CROP_KINDS)}, got {self.crop!r}")
 
 
 @dataclass

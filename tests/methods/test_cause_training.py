@@ -193,6 +193,44 @@ def test_teacher_never_gets_gradients_nor_optimizer_steps(tmp_path, variant):
     assert int(front.bank.length.sum()) > 0
 
 
+def clipped_head_gradients(tmp_path, reference_clip, probe_factor, monkeypatch):
+    """Gradients of the student head as the optimizer's first step receives them, with the probe's
+    loss (hence its gradient, which only the probe receives) multiplied by ``probe_factor``."""
+    real_probe_loss = trainer.probe_loss
+    monkeypatch.setattr(trainer, "probe_loss", lambda *a: probe_factor * real_probe_loss(*a))
+    params = tiny(grad_clip=0.01, reference_clip=reference_clip, head_epochs=1)
+    torch.manual_seed(0)
+    codebook = torch.randn(params.concepts, 16)
+    stage, front = front_door_stage(StoreSource(make_store(tmp_path), True), codebook, "mlp", 3, params, Dist(), 0, "cpu")
+    seen = []
+
+    def record(optimizer, args, kwargs):
+        if not seen:
+            unsupervised = list(front.student.head.parameters()) + list(front.student.projection.parameters())
+            seen.append(([p.grad.clone() for p in front.student.head.parameters()],
+                         torch.cat([p.grad.flatten() for p in unsupervised]).norm(),
+                         torch.cat([p.grad.flatten() for p in front.student.parameters()]).norm()))
+
+    stage.state["optimizer"].register_step_pre_hook(record)
+    run_stage(stage, None, Dist())
+    return seen[0]
+
+
+def test_joint_clip_lets_the_probe_shrink_the_head_update_and_apart_does_not(tmp_path, monkeypatch):
+    norm = lambda grads: torch.cat([g.flatten() for g in grads]).norm()
+    # default (apart): the head's clipped gradient does not depend on the probe's at all
+    (apart1, head_proj, _), (apart100, *_) = (clipped_head_gradients(tmp_path / str(f), False, f, monkeypatch)
+                                              for f in (1, 100))
+    assert all(torch.equal(a, b) for a, b in zip(apart1, apart100))
+    assert float(head_proj) == pytest.approx(0.01, rel=1e-4)  # head + projection clipped to the limit on their own
+    # reference (joint): one norm over head, projection and probe equals the limit, so a 100x
+    # larger probe gradient leaves the head a much smaller share
+    (joint1, _, total1), (joint100, _, total100) = (clipped_head_gradients(tmp_path / f"j{f}", True, f, monkeypatch)
+                                                   for f in (1, 100))
+    assert float(total1) == pytest.approx(0.01, rel=1e-4) and float(total100) == pytest.approx(0.01, rel=1e-4)
+    assert norm(joint100) < norm(joint1) / 10
+
+
 # ----------------------------------------------------------------------------- 8. Step 3
 
 

@@ -36,6 +36,7 @@ class Params:
     # TR head
     tr_ffn_dim: int = 2048
     tr_heads: int = 1
+    tr_pos_std: float = 1.0            # std of the TR query-position table's initial draw (reference: N(0, 1))
     tr_window: int | None = None       # TR: train on a random window of this many tokens per side (None: the whole grid)
     # schedule (§2, §3.3, §4)
     batch_size: int = 16               # images per step (the global batch under torchrun)
@@ -56,6 +57,7 @@ class Params:
     # supervision used for monitoring only (§7.2)
     linear_probe: bool = True          # train the supervised linear probe when the data has labels
     reference_step3: bool = False      # reproduce the reference's Step 3 label leakage into the teacher head
+    reference_clip: bool = False       # Step 2: clip head, projection and probe by one joint norm (reference) instead of apart
     checkpoint_every: int = 100        # steps between training checkpoints
 
     def __post_init__(self) -> None:
@@ -69,6 +71,8 @@ class Params:
             raise ConfigError(f"params.cluster_loss must be 'modularity' or 'cosine', got {self.cluster_loss!r}")
         if not self.feature_scale > 0:
             raise ConfigError(f"params.feature_scale must be positive, got {self.feature_scale!r}")
+        if not self.tr_pos_std >= 0:
+            raise ConfigError(f"params.tr_pos_std must be >= 0, got {self.tr_pos_std!r}")
         if not 0 < self.bank_keep <= 1:
             raise ConfigError(f"params.bank_keep must be in (0, 1], got {self.bank_keep!r}")
         if self.neg_threshold > self.pos_threshold:

@@ -227,7 +227,8 @@ class Student(nn.Module):
 
 def build_head(variant: str, dim: int, params: Params, codebook: Tensor, grid: tuple[int, int]) -> nn.Module:
     if variant == "tr":
-        return TRHead(dim, params.reduced_dim, codebook, grid[0] * grid[1], params.tr_ffn_dim, params.tr_heads, params.dropout)
+        return TRHead(dim, params.reduced_dim, codebook, grid[0] * grid[1], params.tr_ffn_dim, params.tr_heads, params.dropout,
+                      params.tr_pos_std)
     return MLPHead(dim, params.reduced_dim, params.dropout)
 
 
@@ -302,10 +303,12 @@ def front_door_stage(
         loss = loss_front + loss_probe
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        # clipped apart: a joint norm would let the supervised probe scale the head's update
-        _clip(list(student.head.parameters()) + list(student.projection.parameters()), params.grad_clip)
-        if probe is not None:
-            _clip(probe.parameters(), params.grad_clip)
+        if params.reference_clip:  # cause.md §3.2: one norm over head, projection and probe
+            _clip(student.parameters(), params.grad_clip)
+        else:  # apart: under a joint norm the probe's (supervised) gradient would scale the head's update
+            _clip(list(student.head.parameters()) + list(student.projection.parameters()), params.grad_clip)
+            if probe is not None:
+                _clip(probe.parameters(), params.grad_clip)
         optimizer.step()
         ema_update(head_t, student.head, params.ema_decay)
         ema_update(proj_t, student.projection, params.ema_decay)
