@@ -28,9 +28,7 @@ from unsupseg.methods.cause.losses import (
 from unsupseg.methods.cause.predictor import CausePredictor
 from unsupseg.methods.cause.trainer import to_map
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference"
-if not REFERENCE.is_dir():  # the worktree's ../shared link, or the shared folder itself
-    REFERENCE = Path("/work/shared/reference")
+REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference"  # ../shared beside the repository
 
 
 def load(name):

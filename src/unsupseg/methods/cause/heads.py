@@ -65,10 +65,9 @@ class TRHead(nn.Module):
     raw tokens T. Carries the clusterbook M as a buffer that is not part of its state dict."""
 
     def __init__(self, dim: int, reduced_dim: int, codebook: Tensor, num_queries: int,
-                 ffn_dim: int = 2048, heads: int = 1, dropout: float = 0.1, pos_std: float = 1.0):
+                 ffn_dim: int = 2048, heads: int = 1, dropout: float = 0.1):
         super().__init__()
-        # drawn N(0, 1) and scaled, so the std changes no other draw of the global RNG
-        self.query_pos = nn.Parameter(torch.randn(num_queries, dim) * pos_std)
+        self.query_pos = nn.Parameter(torch.randn(num_queries, dim))
         self.tr = TRDecoder(dim, reduced_dim, ffn_dim, heads, dropout)
         self.register_buffer("codebook", codebook.detach().clone().float(), persistent=False)
 

@@ -36,7 +36,6 @@ class Params:
     # TR head
     tr_ffn_dim: int = 2048
     tr_heads: int = 1
-    tr_pos_std: float = 1.0            # std of the TR query-position table's initial draw (reference: N(0, 1))
     tr_window: int | None = None       # TR: train on a random window of this many tokens per side (None: the whole grid)
     # schedule (§2, §3.3, §4)
     batch_size: int = 16               # images per step (the global batch under torchrun)
@@ -71,8 +70,6 @@ class Params:
             raise ConfigError(f"params.cluster_loss must be 'modularity' or 'cosine', got {self.cluster_loss!r}")
         if not self.feature_scale > 0:
             raise ConfigError(f"params.feature_scale must be positive, got {self.feature_scale!r}")
-        if not self.tr_pos_std >= 0:
-            raise ConfigError(f"params.tr_pos_std must be >= 0, got {self.tr_pos_std!r}")
         if not 0 < self.bank_keep <= 1:
             raise ConfigError(f"params.bank_keep must be in (0, 1], got {self.bank_keep!r}")
         if self.neg_threshold > self.pos_threshold:

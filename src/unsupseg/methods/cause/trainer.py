@@ -227,8 +227,7 @@ class Student(nn.Module):
 
 def build_head(variant: str, dim: int, params: Params, codebook: Tensor, grid: tuple[int, int]) -> nn.Module:
     if variant == "tr":
-        return TRHead(dim, params.reduced_dim, codebook, grid[0] * grid[1], params.tr_ffn_dim, params.tr_heads, params.dropout,
-                      params.tr_pos_std)
+        return TRHead(dim, params.reduced_dim, codebook, grid[0] * grid[1], params.tr_ffn_dim, params.tr_heads, params.dropout)
     return MLPHead(dim, params.reduced_dim, params.dropout)
 
 
