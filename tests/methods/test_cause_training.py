@@ -206,6 +206,18 @@ def test_joint_clip_lets_the_probe_shrink_the_head_update_and_apart_does_not(tmp
     assert norm(joint100) < norm(joint1) / 10
 
 
+@pytest.mark.parametrize("variant, anchors", [("tr", 9), ("mlp", 4)])
+def test_tr_grid_window_samples_more_tokens_of_each_tr_window_only(tmp_path, monkeypatch, variant, anchors):
+    """tr_grid_window 2 on 6 x 6 TR windows: (6 // 2)^2 = 9 anchors per image in Steps 2 and 3;
+    the MLP keeps grid_window 4 on its 8 x 8 grid: 2 x 2 = 4."""
+    seen = {"front": set(), "cluster": set()}
+    front, cluster = trainer.front_door_terms, trainer.cosine_cluster_loss
+    monkeypatch.setattr(trainer, "front_door_terms", lambda z, *a: seen["front"].add(z.shape[1]) or front(z, *a))
+    monkeypatch.setattr(trainer, "cosine_cluster_loss", lambda x, c: seen["cluster"].add(x.shape[1]) or cluster(x, c))
+    run(variant, make_store(tmp_path), tiny(tr_window=6, tr_grid_window=2, cluster_loss="cosine", linear_probe=False))
+    assert seen == {"front": {anchors}, "cluster": {anchors}}
+
+
 # ----------------------------------------------------------------------------- 8. Step 3
 
 
@@ -263,7 +275,8 @@ def test_invalid_params_are_config_errors():
     from unsupseg.errors import ConfigError
 
     for bad in ({"cluster_loss": "kmeans"}, {"cluster_init": "zeros"}, {"concepts": 0}, {"bank_keep": 0.0},
-                {"pos_threshold": 0.1, "neg_threshold": 0.3}, {"tr_window": 2}, {"feature_scale": 0.0}):
+                {"pos_threshold": 0.1, "neg_threshold": 0.3}, {"tr_window": 2}, {"feature_scale": 0.0},
+                {"tr_grid_window": 0}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             tiny(**bad)
 
