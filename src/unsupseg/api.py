@@ -31,7 +31,7 @@ from .config import (
     merge,
     to_dict,
 )
-from .data import CROP_KINDS, CroppedDataset, CropView, ImageFolder, Preprocess, build_dataset, load_image
+from .data import CroppedDataset, CropView, ImageFolder, Preprocess, build_dataset, load_image
 from .data.images import DEFAULT_MAX_PIXELS
 from .engine import autocast, init_distributed, resolve_precision
 from .errors import ConfigError, DataError
@@ -90,15 +90,10 @@ def _method_params(config: RunConfig):
     return from_dict(get_method(config.method).Params, config.params, "params")
 
 
-CROP_CHOICES = ("none", *CROP_KINDS)
-
-
 def build_train_dataset(config: RunConfig):
     """The training items: the images (or benchmark split, or prepared crop folder), cut into
     ``data.crop`` crops on the fly when asked."""
     d = config.data
-    if d.crop not in CROP_CHOICES:
-        raise ConfigError(f"data.crop must be one of {', '.join(CROP_CHOICES)}, got {d.crop!r}")
     if d.crops:
         if d.crop != "none":
             raise ConfigError(

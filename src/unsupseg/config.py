@@ -21,6 +21,7 @@ import yaml
 from .errors import ConfigError
 
 CONFIG_VERSION = 1
+CROP_KINDS = ("none", "five", "double", "super")
 
 
 @dataclass
@@ -45,6 +46,10 @@ class DataConfig:
     cache: str = "auto"            # auto | always | never: cache the training features or stream them
     cache_max_gb: float = 100.0    # auto caches an entry only up to this size (and the free disk)
     workers: int | None = None     # decode/resize processes; None: from the CPU count
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROP_KINDS:
+            raise ConfigError(f"data.crop must be one of {', '.join(CROP_KINDS)}, got {self.crop!r}")
 
 
 @dataclass

@@ -125,9 +125,14 @@ def test_vq_ties_go_to_lowest_index():
 
 
 def naive_modularity(x, centroids, temperature=0.1):
-    """The reference's formulation: the full B x K x n x n tanh tensor, then a max over K."""
+    """The reference's formulation, written out: the full B x K x n x n tanh tensor, then a max
+    over K (absolute values: tests/methods/test_cause_reference.py)."""
     x = x.detach()
-    w, e = modularity_matrix(affinity(x))
+    unit = x / x.norm(dim=-1, keepdim=True)
+    a = (unit @ unit.transpose(1, 2)).clamp_min(0) * (1 - torch.eye(x.shape[1]))
+    d = a.sum(2, keepdim=True)
+    e = a.sum((1, 2), keepdim=True)
+    w = a - d * d.transpose(1, 2) / e
     gamma = (F.normalize(x, dim=-1) @ F.normalize(centroids, dim=-1).T).clamp_min(0).transpose(1, 2)
     delta = torch.tanh(gamma.unsqueeze(3) * gamma.unsqueeze(2) / temperature).max(1).values
     return -((w * delta).sum((1, 2)) / e.flatten()).mean()

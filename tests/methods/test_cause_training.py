@@ -118,31 +118,6 @@ def test_bank_adds_half_of_each_concept_keeps_capacity_and_newest():
     assert entries.shape == (5, 2) and owners.tolist() == [2] * 5
 
 
-def test_bank_matches_the_reference_queues_over_many_updates():
-    """The reference's per-concept lists: append a random ⌊c/2⌋ of each concept's tokens, keep the
-    newest ``capacity``; the random order is the one the bank draws (same generator state)."""
-    g = torch.Generator().manual_seed(2)
-    capacity, concepts = 5, 3
-    bank = ConceptBank(concepts, capacity, 3)
-    queues = {k: [] for k in range(concepts)}
-    for step in range(12):
-        count = int(torch.randint(1, 60, (1,), generator=g))
-        ids = torch.randint(concepts, (count,), generator=g)
-        values = torch.nn.functional.normalize(torch.randn(count, 3, generator=g), dim=1)
-        mirror = torch.Generator()
-        mirror.set_state(g.get_state())
-        perm = torch.randperm(count, generator=mirror).tolist()
-        for k in range(concepts):
-            mine = [i for i in perm if int(ids[i]) == k]
-            queues[k] = (queues[k] + [values[i] for i in mine[: len(mine) // 2]])[-capacity:]
-        bank.update(ids, values, g)
-        for k in range(concepts):
-            stored = sorted(bank.values[k, : int(bank.length[k])].tolist())
-            expected = sorted(torch.stack(queues[k]).tolist()) if queues[k] else []
-            assert len(stored) == len(expected), (step, k)
-            assert torch.allclose(torch.tensor(stored).view(-1, 3), torch.tensor(expected).view(-1, 3), atol=1e-6), (step, k)
-
-
 def test_bank_state_round_trip():
     g = torch.Generator().manual_seed(1)
     bank = ConceptBank(4, 3, 2)
@@ -191,6 +166,56 @@ def test_teacher_never_gets_gradients_nor_optimizer_steps(tmp_path, variant):
     assert any(not torch.equal(a, b) for a, b in zip(student, front.student.head.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(teacher0, front.head_teacher.parameters()))
     assert int(front.bank.length.sum()) > 0
+
+
+def clipped_head_gradients(tmp_path, reference_clip, probe_factor, monkeypatch):
+    """Gradients of the student head as the optimizer's first step receives them, with the probe's
+    loss (hence its gradient, which only the probe receives) multiplied by ``probe_factor``."""
+    real_probe_loss = trainer.probe_loss
+    monkeypatch.setattr(trainer, "probe_loss", lambda *a: probe_factor * real_probe_loss(*a))
+    params = tiny(grad_clip=0.01, reference_clip=reference_clip, head_epochs=1)
+    torch.manual_seed(0)
+    codebook = torch.randn(params.concepts, 16)
+    stage, front = front_door_stage(StoreSource(make_store(tmp_path), True), codebook, "mlp", 3, params, Dist(), 0, "cpu")
+    seen = []
+
+    def record(optimizer, args, kwargs):
+        if not seen:
+            unsupervised = list(front.student.head.parameters()) + list(front.student.projection.parameters())
+            seen.append(([p.grad.clone() for p in front.student.head.parameters()],
+                         torch.cat([p.grad.flatten() for p in unsupervised]).norm(),
+                         torch.cat([p.grad.flatten() for p in front.student.parameters()]).norm()))
+
+    stage.state["optimizer"].register_step_pre_hook(record)
+    run_stage(stage, None, Dist())
+    return seen[0]
+
+
+def test_joint_clip_lets_the_probe_shrink_the_head_update_and_apart_does_not(tmp_path, monkeypatch):
+    norm = lambda grads: torch.cat([g.flatten() for g in grads]).norm()
+    # default (apart): the head's clipped gradient does not depend on the probe's at all
+    (apart1, head_proj, _), (apart100, *_) = (clipped_head_gradients(tmp_path / str(f), False, f, monkeypatch)
+                                              for f in (1, 100))
+    assert all(torch.equal(a, b) for a, b in zip(apart1, apart100))
+    assert float(head_proj) == pytest.approx(0.01, rel=1e-4)  # head + projection clipped to the limit on their own
+    # reference (joint): one norm over head, projection and probe equals the limit, so a 100x
+    # larger probe gradient leaves the head a much smaller share
+    (joint1, _, total1), (joint100, _, total100) = (clipped_head_gradients(tmp_path / f"j{f}", True, f, monkeypatch)
+                                                   for f in (1, 100))
+    assert float(total1) == pytest.approx(0.01, rel=1e-4) and float(total100) == pytest.approx(0.01, rel=1e-4)
+    assert norm(joint100) < norm(joint1) / 10
+
+
+@pytest.mark.parametrize("variant, anchors", [("tr", 9), ("mlp", 4)])
+def test_tr_grid_window_samples_more_tokens_of_each_tr_window_only(tmp_path, monkeypatch, variant, anchors):
+    """tr_grid_window 2 on 6 x 6 TR windows: (6 // 2)^2 = 9 anchors per image in Steps 2 and 3;
+    the MLP keeps grid_window 4 on its 8 x 8 grid: 2 x 2 = 4."""
+    seen = {"front": set(), "cluster": set()}
+    front, cluster = trainer.front_door_terms, trainer.cosine_cluster_loss
+    monkeypatch.setattr(trainer, "front_door_terms", lambda z, *a: seen["front"].add(z.shape[1]) or front(z, *a))
+    monkeypatch.setattr(trainer, "cosine_cluster_loss", lambda x, c: seen["cluster"].add(x.shape[1]) or cluster(x, c))
+    run(variant, make_store(tmp_path), tiny(tr_window=6, tr_grid_window=2, cluster_loss="cosine", linear_probe=False))
+    assert seen == {"front": {anchors}, "cluster": {anchors}}
 
 
 # ----------------------------------------------------------------------------- 8. Step 3
@@ -250,7 +275,8 @@ def test_invalid_params_are_config_errors():
     from unsupseg.errors import ConfigError
 
     for bad in ({"cluster_loss": "kmeans"}, {"cluster_init": "zeros"}, {"concepts": 0}, {"bank_keep": 0.0},
-                {"pos_threshold": 0.1, "neg_threshold": 0.3}, {"tr_window": 2}, {"feature_scale": 0.0}):
+                {"pos_threshold": 0.1, "neg_threshold": 0.3}, {"tr_window": 2}, {"feature_scale": 0.0},
+                {"tr_grid_window": 0}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             tiny(**bad)
 

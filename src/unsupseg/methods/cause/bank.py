@@ -44,15 +44,22 @@ class ConceptBank:
     @torch.no_grad()
     def update(self, concepts: Tensor, projections: Tensor, generator: torch.Generator) -> None:
         """Append to queue k a uniformly random ⌊keep·c_k⌋ of the c_k projections assigned to k
-        (in random order), keeping only the newest ``capacity`` entries of each queue."""
+        (in random order), keeping only the newest ``capacity`` entries of each queue.
+
+        The draws are the reference's: for each present concept in ascending order, one
+        randperm(c_k) over its tokens in flat order, the first ⌊keep·c_k⌋ appended in that order.
+        """
         concepts = concepts.reshape(-1).to(self.values.device)
         values = F.normalize(projections.detach().reshape(len(concepts), -1).float(), dim=-1).to(self.values.device)
         k = len(self.values)
         counts = torch.bincount(concepts, minlength=k)
         keep = (counts.double() * self.keep).floor().long()
-        # a random order, then grouped by concept (stable): rank = position inside its concept group
-        perm = torch.randperm(len(concepts), generator=generator).to(concepts.device)
-        order = perm[torch.argsort(concepts[perm], stable=True)]
+        # tokens grouped by concept (stable: flat order inside a group), each group then permuted
+        grouped_tokens = torch.argsort(concepts, stable=True)
+        sizes = counts[counts > 0].tolist()
+        shuffle = torch.cat([torch.randperm(c, generator=generator) for c in sizes]).to(concepts.device)
+        starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        order = grouped_tokens[starts + shuffle]
         grouped = concepts[order]
         rank = torch.arange(len(order), device=order.device) - (torch.cumsum(counts, 0) - counts)[grouped]
         kept = keep[grouped]

@@ -37,6 +37,7 @@ class Params:
     tr_ffn_dim: int = 2048
     tr_heads: int = 1
     tr_window: int | None = None       # TR: train on a random window of this many tokens per side (None: the whole grid)
+    tr_grid_window: int | None = None  # TR Steps 2-3: grid sub-sampling window (None: grid_window); 2 samples 4x more tokens of a window
     # schedule (§2, §3.3, §4)
     batch_size: int = 16               # images per step (the global batch under torchrun)
     ref_world_size: int = 4            # §7.1: lr = lr * ref_world_size; epoch = N / (batch * ref_world_size) steps
@@ -56,6 +57,7 @@ class Params:
     # supervision used for monitoring only (§7.2)
     linear_probe: bool = True          # train the supervised linear probe when the data has labels
     reference_step3: bool = False      # reproduce the reference's Step 3 label leakage into the teacher head
+    reference_clip: bool = False       # Step 2: clip head, projection and probe by one joint norm (reference) instead of apart
     checkpoint_every: int = 100        # steps between training checkpoints
 
     def __post_init__(self) -> None:
@@ -73,5 +75,7 @@ class Params:
             raise ConfigError(f"params.bank_keep must be in (0, 1], got {self.bank_keep!r}")
         if self.neg_threshold > self.pos_threshold:
             raise ConfigError(f"params.neg_threshold ({self.neg_threshold}) must not exceed pos_threshold ({self.pos_threshold})")
+        if self.tr_grid_window is not None and self.tr_grid_window < 1:
+            raise ConfigError(f"params.tr_grid_window must be positive, got {self.tr_grid_window!r}")
         if self.tr_window is not None and self.tr_window < self.grid_window:
             raise ConfigError(f"params.tr_window ({self.tr_window}) must be at least params.grid_window ({self.grid_window})")

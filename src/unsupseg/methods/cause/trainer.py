@@ -135,6 +135,11 @@ def make_schedule(params: Params, n_items: int, epochs: int, seed: int) -> Sched
     return Schedule(params.batch_size, steps, epochs, seed)
 
 
+def sampling_window(params: Params, tr: bool) -> int:
+    """The grid sub-sampling window of Steps 2-3 (Step 1 always uses params.grid_window)."""
+    return params.tr_grid_window if tr and params.tr_grid_window else params.grid_window
+
+
 def _clip(parameters, limit: float | None) -> None:
     if limit is not None:
         torch.nn.utils.clip_grad_norm_(list(parameters), limit)
@@ -253,7 +258,7 @@ def front_door_stage(
     source, codebook: Tensor, variant: str, num_classes: int | None, params: Params, dist: Dist, seed: int, device
 ) -> tuple[Stage, FrontDoor]:
     source, window_state = windowed(source, variant == "tr", params, seed * 1000 + 24)
-    window, grid = params.grid_window, source.grid
+    window, grid = sampling_window(params, variant == "tr"), source.grid
     codebook = codebook.detach().to(device)
     head = build_head(variant, source.dim, params, codebook, grid)
     probe = None
@@ -303,10 +308,12 @@ def front_door_stage(
         loss = loss_front + loss_probe
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        # clipped apart: a joint norm would let the supervised probe scale the head's update
-        _clip(list(student.head.parameters()) + list(student.projection.parameters()), params.grad_clip)
-        if probe is not None:
-            _clip(probe.parameters(), params.grad_clip)
+        if params.reference_clip:  # cause.md §3.2: one norm over head, projection and probe
+            _clip(student.parameters(), params.grad_clip)
+        else:  # apart: under a joint norm the probe's (supervised) gradient would scale the head's update
+            _clip(list(student.head.parameters()) + list(student.projection.parameters()), params.grad_clip)
+            if probe is not None:
+                _clip(probe.parameters(), params.grad_clip)
         optimizer.step()
         ema_update(head_t, student.head, params.ema_decay)
         ema_update(proj_t, student.projection, params.ema_decay)
@@ -342,7 +349,7 @@ class ClusterModel(nn.Module):
         self.reference = reference
         self.temperature = params.modularity_temperature
         self.cluster_loss = params.cluster_loss
-        self.grid, self.window = grid, params.grid_window
+        self.grid, self.window = grid, sampling_window(params, isinstance(head, TRHead))
         head.requires_grad_(reference)
 
     def forward(self, tokens: Tensor, order: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -374,16 +381,17 @@ def seed_centroids(source, head: nn.Module, clusters: int, params: Params, gener
     """k-means++ seeds (unit vectors) among the teacher's sampled outputs S(h_t(T)) of up to
     ``max_images`` random training images, computed without dropout."""
     training = head.training
+    window = sampling_window(params, isinstance(head, TRHead))
     head.eval()
     index = torch.randperm(len(source), generator=generator)[: max_images]
     samples = []
     for chunk in index.split(params.batch_size):
         tokens = to_tokens(source.load(chunk, slice(None))[0].to(device))
-        order = draw_grid_order(len(chunk), source.grid, generator, params.grid_window).to(device)
+        order = draw_grid_order(len(chunk), source.grid, generator, window).to(device)
         if isinstance(head, TRHead):
-            samples.append(sample_grid(head(tokens), order, source.grid, params.grid_window))
+            samples.append(sample_grid(head(tokens), order, source.grid, window))
         else:
-            samples.append(head(sample_grid(tokens, order, source.grid, params.grid_window)))
+            samples.append(head(sample_grid(tokens, order, source.grid, window)))
     head.train(training)
     x = F.normalize(torch.cat(samples).flatten(0, 1).cpu(), dim=1)
     return spherical_kmeans(x, clusters, generator, restarts=1, iterations=0).to(device)
@@ -393,7 +401,7 @@ def cluster_stage(
     source, head_teacher: nn.Module, probe: nn.Module | None, clusters: int, params: Params, dist: Dist, seed: int, device
 ) -> tuple[Stage, ClusterModel]:
     source, window_state = windowed(source, isinstance(head_teacher, TRHead), params, seed * 1000 + 33)
-    window, grid = params.grid_window, source.grid
+    window, grid = sampling_window(params, isinstance(head_teacher, TRHead)), source.grid
     init = torch.Generator().manual_seed(seed * 1000 + 31)
     cluster = ClusterModel(head_teacher, clusters, probe, params, grid, init, params.reference_step3).to(device)
     if params.cluster_init == "kmeans++":
