@@ -5,11 +5,12 @@ The CLI is a thin layer over these functions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +20,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import __version__, rundir
-from ._io import atomic_path, atomic_write_text
+from ._io import atomic_path, atomic_write_text, check_writable_dir, check_writable_file, remove_stale_temporaries
 from ._progress import console, track
 from .backbones import build_backbone
 from .config import (
     RunConfig,
     apply_overrides,
+    check_clusters,
     from_dict,
     has_preset,
     load_preset,
@@ -32,9 +34,9 @@ from .config import (
     to_dict,
 )
 from .data import CroppedDataset, ImageFolder, Preprocess, build_dataset, load_image
-from .data.images import DEFAULT_MAX_PIXELS
+from .data.images import DEFAULT_MAX_PIXELS, DataWarning, to_rgb
 from .engine import init_distributed
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, OutputError, RunDirError
 from .evaluation.metrics import ConfusionMatrix, score
 from .evaluation.visualize import overlay
 from .features.extract import extract_features
@@ -42,6 +44,9 @@ from .methods import get_method
 from .methods.base import FitContext, Predictor, PredictorInfo
 
 __all__ = ["Segmenter", "evaluate", "fit", "load", "resolve_config", "segment"]
+
+# A photo's longer side is processed at most this many times the test resolution (see model_input).
+LONG_SIDE_FACTOR = 8
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -79,10 +84,35 @@ def resolve_config(
     explicit = [f"{key}={json.dumps(value)}" for key, value in fields.items() if value is not None]
     merged = apply_overrides(merged, explicit + list(overrides))
     config = from_dict(RunConfig, merged)
+    check_clusters(config.clusters, min_clusters(method))
     # the method's own dataclass checks the params section (unknown keys name the closest one)
     params = from_dict(get_method(method).Params, config.params, "params")
     config.params = to_dict(params)
     return config
+
+
+def min_clusters(method: str) -> int:
+    return getattr(get_method(method), "MIN_CLUSTERS", 1)
+
+
+def _absolute_paths(config: RunConfig) -> None:
+    """Store the run's paths absolute, so that the run works from any folder (``report``, ``fit
+    --config RUN/config.yaml``); ``--images`` etc. still override them."""
+    def absolute(value: str | None) -> str | None:
+        return None if value is None else os.path.abspath(os.path.expanduser(value))
+
+    d = config.data
+    d.images, d.root, d.crops = absolute(d.images), absolute(d.root), absolute(d.crops)
+    config.cache_dir = absolute(config.cache_dir)
+    if config.backbone.weights not in ("auto", "random"):
+        config.backbone.weights = absolute(config.backbone.weights)
+
+
+def _check_cache_dir(config: RunConfig) -> None:
+    from .features.cache import default_cache_dir
+
+    where = "feature cache folder" + ("" if config.cache_dir else " (UNSUPSEG_CACHE_DIR or ~/.cache/unsupseg/features)")
+    check_writable_dir(config.cache_dir or default_cache_dir(), where)
 
 
 def _method_params(config: RunConfig):
@@ -111,7 +141,7 @@ def _train_preprocess(config: RunConfig, stride: int, resolution: int | None = N
 
 
 def fit(
-    method: str = "kmeans",
+    method: str | None = None,
     *,
     out: str | os.PathLike,
     backbone: str | None = None,
@@ -129,7 +159,9 @@ def fit(
 ) -> "Segmenter":
     """Fit ``method`` and write a run directory at ``out``; returns its Segmenter.
 
-    An interrupted fit with the same configuration resumes from its last checkpoint.
+    ``method`` None: the config file's method, else kmeans. An interrupted fit with the same
+    configuration resumes from its last checkpoint; a fit that fails before its first checkpoint
+    leaves nothing behind.
     """
     log = log or (lambda msg: console.print(msg))
     config = resolve_config(
@@ -147,12 +179,25 @@ def fit(
             "clusters": clusters,
         },
     )
+    _absolute_paths(config)
     dist = init_distributed(config.device)
     out = Path(out)
+    created = not out.exists()
+    if dist.is_main:
+        _check_cache_dir(config)
     resuming = rundir.prepare(out, config, overwrite) if dist.is_main else False
     dist.barrier()
     if resuming:
         log(f"resuming the unfinished run in {out}")
+    try:
+        return _fit(config, out, dist, log)
+    except BaseException:
+        if dist.is_main:
+            rundir.abandon(out, created)
+        raise
+
+
+def _fit(config: RunConfig, out: Path, dist, log: Callable[[str], None]) -> "Segmenter":
     torch.manual_seed(config.seed)
     train_data = build_train_dataset(config)
     net = build_backbone(config.backbone.name, config.backbone.weights, device=dist.device, **config.backbone.options)
@@ -168,6 +213,7 @@ def fit(
             f"feature cache {'hit' if store.hit else 'miss'}: {len(store)} images at {prep.resolution}px "
             f"({'backbone skipped' if store.hit else 'extracted and cached'}) in {store.path}"
         )
+        check_clusters(config.clusters, tokens=sum(shape[1] * shape[2] for shape in store.shapes))
         return store
 
     module = get_method(config.method)
@@ -236,7 +282,13 @@ class Segmenter:
             )
         module = get_method(config.method)
         info = PredictorInfo(num_clusters=config.clusters, feature_dim=backbone.dim, stride=backbone.stride)
-        predictor = module.build_predictor(_method_params(config), run.state, info)
+        try:
+            predictor = module.build_predictor(_method_params(config), run.state, info)
+        except KeyError as err:
+            raise RunDirError(
+                f"{run.path / rundir.WEIGHTS} does not hold a {config.method} model (no {err} tensor): "
+                "the weights belong to another method or run"
+            ) from None
         return cls(config, backbone, predictor, dev, run.path)
 
     @property
@@ -297,10 +349,37 @@ class Segmenter:
         """Cluster id per pixel (H x W) for a photo (path or PIL image) at its displayed size.
 
         A file above ``max_pixels`` is downscaled on load (with a warning) and labelled at that size.
+        A PIL image is converted as a file is read (transparency composited onto white).
         """
-        pil = load_image(image, max_pixels=max_pixels) if not isinstance(image, Image.Image) else image.convert("RGB")
-        tensor, _ = self.preprocess().apply(pil)
-        labels = self.predict_tensor(tensor, crf).labels
+        check_max_pixels(max_pixels)
+        if isinstance(image, Image.Image):
+            # as a file is read: transparency composited onto white, 16-bit scaled
+            return self.predict_image(to_rgb(image), crf)
+        return self.predict_image(load_image(image, max_pixels=max_pixels), crf, name=str(image))
+
+    def model_input(self, pil: Image.Image, name: str = "image") -> torch.Tensor:
+        """The preprocessed tensor of an RGB photo: shorter side at the test resolution, the longer side
+        capped at LONG_SIDE_FACTOR times it (a 1000 x 4 strip would otherwise become 80,000 pixels
+        long), with a warning naming ``name``."""
+        prep = self.preprocess()
+        new_h, new_w = prep.resized_size(pil.height, pil.width)
+        cap = LONG_SIDE_FACTOR * self.resolution
+        if max(new_h, new_w) <= cap:
+            return prep.apply(pil)[0]
+        scale = cap / max(pil.height, pil.width)
+        size = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
+        warnings.warn(
+            f"{name}: {pil.width}x{pil.height} is a very elongated image; segmented at {size[0]}x{size[1]} "
+            f"(longer side capped at {cap} px) instead of {new_w}x{new_h}",
+            DataWarning,
+            stacklevel=3,
+        )
+        pixels = np.asarray(pil.resize(size, Image.BILINEAR), dtype=np.uint8)
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
+
+    def predict_image(self, pil: Image.Image, crf: bool | None = None, name: str = "image") -> np.ndarray:
+        """Cluster id per pixel (H x W) for an RGB PIL image; ``name`` is used in warnings."""
+        labels = self.predict_tensor(self.model_input(pil, name), crf).labels
         if labels.shape != (pil.height, pil.width):
             labels = np.asarray(
                 Image.fromarray(labels.astype(np.uint8 if self.num_clusters <= 256 else np.int32)).resize(
@@ -358,6 +437,8 @@ def evaluate(
     json_path: str | os.PathLike | None = None,
 ) -> dict:
     """Score a run on a labelled split (confusion over the whole split, then matching)."""
+    if json_path is not None:
+        check_writable_file(json_path, "--json file")
     seg = run if isinstance(run, Segmenter) else load(run)
     config = seg.config
     crf = config.test.crf if crf is None else crf
@@ -411,6 +492,8 @@ def evaluate_overcluster(
     standardise, PCA 50, k-means with each K, many-to-one matching; mean and std over seeds."""
     from .evaluation.overcluster import overcluster_scores
 
+    if json_path is not None:
+        check_writable_file(json_path, "--json file")
     seg = run if isinstance(run, Segmenter) else load(run)
     data = build_dataset(dataset, str(root), split)
     if data.num_classes is None:
@@ -430,18 +513,141 @@ def evaluate_overcluster(
 # ----------------------------------------------------------------------------- segment
 
 
-def _inputs(paths: Iterable[str | os.PathLike], strict: bool) -> list[tuple[str, Path]]:
-    """(output name without extension, image path) for every image file under ``paths``."""
-    items = []
+# Beside the masks: which run (and CRF setting) wrote them, so that a later call does not mix runs in
+# one folder, and a folder holding it is known to hold outputs (never read back as inputs).
+SEGMENT_RECORD = ".unsupseg-segment.json"
+
+
+def check_max_pixels(max_pixels: int | None) -> None:
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
+        raise ConfigError(f"max_pixels must be a positive number of pixels (or None: no limit), got {max_pixels!r}")
+
+
+@dataclass(frozen=True)
+class OutputItem:
+    """One input image and the two files ``segment`` writes for it."""
+
+    source: Path
+    name: str          # output name without extension, relative to the output folder (posix)
+    mask: Path
+    overlay: Path
+
+    def done(self) -> bool:
+        return self.mask.exists() and self.overlay.exists()
+
+
+def _is_output_file(path: Path) -> bool:
+    return path.suffix.lower() == ".png" or path.name.endswith("_overlay.jpg")
+
+
+def _output_roots(folder: Path, out: Path) -> list[Path]:
+    """Folders at or under (or above) ``folder`` that hold segment outputs: ``out`` and every folder
+    with a SEGMENT_RECORD."""
+    roots = [out.absolute()]
+    roots += [rec.parent.absolute() for rec in folder.rglob(SEGMENT_RECORD)]
+    roots += [parent for parent in folder.absolute().parents if (parent / SEGMENT_RECORD).is_file()]
+    return roots
+
+
+def plan_outputs(paths: Sequence[str | os.PathLike], out: str | os.PathLike, strict: bool = False) -> list[OutputItem]:
+    """Every input image under ``paths`` with its output files in ``out``.
+
+    Output names mirror the inputs' folders below their common folder (a/x.png and b/x.png become
+    a/x.png and b/x.png in ``out``); an image given twice is segmented once. Masks and overlays found
+    in an output folder inside an input folder are not inputs. OutputError when two inputs would
+    share an output, or an output would land on an input file.
+    """
+    out = Path(out)
+    sources: list[tuple[Path, Path]] = []     # (image, the folder its name is relative to)
     for p in map(Path, paths):
         if not p.exists():
             raise DataError(f"input {p} does not exist")
         if p.is_dir():
-            folder = ImageFolder(p, strict=strict)
-            items += [(sid, f) for sid, f in zip(folder.ids, folder.files())]
+            roots = _output_roots(p, out)
+            for f in ImageFolder(p, strict=strict).files():
+                if _is_output_file(f) and any(f.absolute().is_relative_to(r) for r in roots):
+                    continue
+                sources.append((f, p))
         else:
-            items.append((p.stem, p))
+            sources.append((p, p.parent))
+    if not sources:
+        return []
+    common = Path(os.path.commonpath([str(base.absolute()) for _, base in sources]))
+    items: list[OutputItem] = []
+    seen: dict[Path, Path] = {}
+    names: dict[str, Path] = {}
+    for f, _ in sources:
+        real = f.resolve()
+        if real in seen:
+            continue
+        seen[real] = f
+        name = f.absolute().relative_to(common).with_suffix("").as_posix()
+        if name in names:
+            raise OutputError(f"{names[name]} and {f} would both be written as {out / name}.png; "
+                              "rename one, or segment them into separate --out folders")
+        names[name] = f
+        items.append(OutputItem(f, name, out / f"{name}.png", out / f"{name}_overlay.jpg"))
+    for item in items:
+        for target in (item.mask, item.overlay):
+            if target.resolve() in seen:
+                raise OutputError(f"the output {target} would replace the input image {seen[target.resolve()]}; "
+                                  "choose another --out (nothing was written)")
     return items
+
+
+def _run_identity(seg: Segmenter, crf: bool) -> dict:
+    digest = hashlib.sha256(json.dumps(to_dict(seg.config), sort_keys=True, default=str).encode())
+    digest.update(str(seg.backbone.weights_id).encode())
+    for key, value in sorted(seg.predictor.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {"run": str(seg.path.absolute()) if seg.path is not None else None, "method": seg.config.method,
+            "model_sha256": digest.hexdigest(), "crf": crf}
+
+
+def claim_output_folder(seg: Segmenter, out: Path, items: list[OutputItem], crf: bool, overwrite: bool) -> None:
+    """Check ``out`` takes files, refuse to mix another run's masks in, and record this run there."""
+    check_writable_dir(out, "--out folder")
+    mine = _run_identity(seg, crf)
+    record = out / SEGMENT_RECORD
+    if record.is_file() and not overwrite:
+        try:
+            theirs = json.loads(record.read_text())
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+            theirs = {}
+        if (theirs.get("model_sha256"), theirs.get("crf")) != (mine["model_sha256"], mine["crf"]):
+            raise OutputError(
+                f"{out} holds the masks of another run ({theirs.get('run')}, method {theirs.get('method')}, "
+                f"CRF {'on' if theirs.get('crf') else 'off'}); choose another --out, or pass --overwrite to "
+                "replace them with this run's"
+            )
+    elif not record.is_file() and not overwrite:
+        found = next((item for item in items if item.mask.exists() or item.overlay.exists()), None)
+        if found is not None:
+            raise OutputError(
+                f"{out} already holds files named like this call's outputs (e.g. {found.mask.name}) that no "
+                "segment call recorded; choose another --out, or pass --overwrite to replace them"
+            )
+    atomic_write_text(record, json.dumps(mine, indent=2))
+
+
+def write_outputs(item: OutputItem, image: Image.Image, labels: np.ndarray, num_clusters: int) -> None:
+    """The mask (cluster id per pixel, 8- or 16-bit PNG) and the overlay, each written atomically."""
+    dtype = np.uint8 if num_clusters <= 256 else np.uint16
+    with atomic_path(item.mask) as tmp:
+        Image.fromarray(labels.astype(dtype)).save(tmp, format="PNG")
+    with atomic_path(item.overlay) as tmp:
+        overlay(image, labels, num_clusters).save(tmp, format="JPEG", quality=90)
+
+
+class SegmentResult(list):
+    """The masks written (a list of paths), with the images ``skipped`` because their outputs were
+    already there and those that ``failed`` (unreadable or not segmentable, with a warning each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.skipped: list[Path] = []
+        self.failed: list[Path] = []
 
 
 def segment(
@@ -453,37 +659,42 @@ def segment(
     overwrite: bool = False,
     strict: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
-) -> list[Path]:
+) -> SegmentResult:
     """Write ``<name>.png`` (cluster id per pixel, at the photo's displayed size) and
     ``<name>_overlay.jpg`` for every input image, one image at a time (bounded memory).
 
-    Images whose outputs exist are skipped unless ``overwrite``; unreadable images are skipped with a
-    warning (an error when ``strict``); images above ``max_pixels`` are downscaled with a warning and
-    their outputs written at that size. Every file is written atomically.
+    Images whose outputs exist are skipped (counted in ``result.skipped``) unless ``overwrite``;
+    an image that cannot be read or segmented is skipped with a warning naming it (an error when
+    ``strict``); images above ``max_pixels`` are downscaled with a warning and their outputs written
+    at that size. Every file is written atomically. ``out`` records the run; masks of another run
+    there are an error unless ``overwrite``. Nothing is ever written onto an input.
     """
-    seg = run if isinstance(run, Segmenter) else load(run)
+    check_max_pixels(max_pixels)
     out = Path(out)
-    # temporary files left by an interrupted earlier call (kill -9 skips the clean-up) go first
-    for stale in out.glob(".*.tmp") if out.is_dir() else []:
-        stale.unlink(missing_ok=True)
-    written: list[Path] = []
-    items = _inputs(inputs, strict)
-    for name, path in track(items, len(items), "segmenting"):
-        mask_path, overlay_path = out / f"{name}.png", out / f"{name}_overlay.jpg"
-        if not overwrite and mask_path.exists() and overlay_path.exists():
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a folder; give a folder for the masks and overlays")
+    items = plan_outputs(inputs, out, strict)
+    seg = run if isinstance(run, Segmenter) else load(run)
+    crf = seg.config.test.crf if crf is None else crf
+    claim_output_folder(seg, out, items, crf, overwrite)
+    # temporary files of earlier calls that were killed (kill -9 skips the clean-up); a live
+    # neighbour's are left alone
+    remove_stale_temporaries(out, recursive=True)
+    result = SegmentResult()
+    for item in track(items, len(items), "segmenting"):
+        if not overwrite and item.done():
+            result.skipped.append(item.source)
             continue
         try:
-            image = load_image(path, max_pixels=max_pixels)
-        except DataError as err:
+            image = load_image(item.source, max_pixels=max_pixels)
+            labels = seg.predict_image(image, crf, name=str(item.source))
+        except (DataError, RuntimeError, ValueError, MemoryError) as err:
             if strict:
-                raise
-            warnings.warn(f"skipping unreadable image: {err}", stacklevel=2)
+                raise err if isinstance(err, DataError) else DataError(f"{item.source}: cannot segment ({err})") from err
+            warnings.warn(f"skipping {item.source}: {err}" if not isinstance(err, DataError)
+                          else f"skipping unreadable image: {err}", DataWarning, stacklevel=2)
+            result.failed.append(item.source)
             continue
-        labels = seg.predict(image, crf=crf)
-        dtype = np.uint8 if seg.num_clusters <= 256 else np.uint16
-        with atomic_path(mask_path) as tmp:
-            Image.fromarray(labels.astype(dtype)).save(tmp, format="PNG")
-        with atomic_path(overlay_path) as tmp:
-            overlay(image, labels, seg.num_clusters).save(tmp, format="JPEG", quality=90)
-        written.append(mask_path)
-    return written
+        write_outputs(item, image, labels, seg.num_clusters)
+        result.append(item.mask)
+    return result

@@ -547,8 +547,14 @@ def _load_mat(path: Path, key: str) -> np.ndarray:
 
 
 def _walk_images(root: Path) -> list[Path]:
-    found = []
-    for folder, dirnames, filenames in os.walk(root):
+    # symlinked subfolders are followed (each real folder once, so a link loop ends)
+    found, visited = [], set()
+    for folder, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:
+            dirnames[:] = []
+            continue
+        visited.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for filename in filenames:
             if not filename.startswith(".") and is_image_file(filename):

@@ -9,4 +9,6 @@ from .params import Params
 from .predictor import build_predictor
 from .trainer import fit
 
-__all__ = ["Params", "build_predictor", "fit"]
+MIN_CLUSTERS = 2   # Step 3's centroids are drawn in (-1/K, 1/K), and one cluster segments nothing
+
+__all__ = ["MIN_CLUSTERS", "Params", "build_predictor", "fit"]

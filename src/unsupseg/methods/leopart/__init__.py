@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...data import Preprocess
+from ...config import check_clusters
 from ...errors import ConfigError, DataError
 from ...features.cache import default_cache_dir, open_or_build
 from ...features.extract import batched_forward, iter_preprocessed
@@ -57,6 +58,9 @@ SALIENCIES = ("auto", "attention", "distinctiveness")
 COMMUNITIES = ("auto", "infomap", "louvain")
 
 
+MIN_CLUSTERS = 2   # the merge step joins over-clusters into at least two groups
+
+
 @dataclass
 class Params:
     pca_dim: int = 50
@@ -77,8 +81,11 @@ class Params:
     kmeans_restarts: int = 5
     points_per_centroid: int = 256       # k-means trains on at most this many points per centroid
 
+    def __post_init__(self) -> None:
+        _check(self)
 
-def _check(p: Params, clusters: int) -> None:
+
+def _check(p: Params) -> None:
     for name in ("pca_dim", "k_fg", "k_cd", "map_size", "trials", "kmeans_iterations", "kmeans_restarts", "points_per_centroid"):
         if getattr(p, name) < 1:
             raise ConfigError(f"params.{name} must be >= 1, got {getattr(p, name)}")
@@ -94,8 +101,6 @@ def _check(p: Params, clusters: int) -> None:
         raise ConfigError("params.reference_threshold and params.cbfe_threshold exclude each other; set one")
     if p.markov_time <= 0 or p.louvain_resolution <= 0 or p.weight_threshold < 0:
         raise ConfigError("params.markov_time and params.louvain_resolution must be > 0, params.weight_threshold >= 0")
-    if clusters < 2:
-        raise ConfigError(f"Leopart needs clusters >= 2, got {clusters}")
 
 
 def _resize(maps: Tensor, size: int) -> Tensor:
@@ -181,8 +186,7 @@ def _cbfe(ctx: FitContext, store, p: Params, tokens: Tensor, shapes: list[tuple[
 
 def fit(ctx: FitContext) -> dict[str, Tensor]:
     p: Params = ctx.params
-    clusters = ctx.config.clusters
-    _check(p, clusters)
+    clusters = check_clusters(ctx.config.clusters, MIN_CLUSTERS)
     backend = community_backend(p.community)
     tic = time.perf_counter()
     store = ctx.features()
