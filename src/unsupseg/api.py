@@ -540,11 +540,9 @@ def _is_output_file(path: Path) -> bool:
     return path.suffix.lower() == ".png" or path.name.endswith("_overlay.jpg")
 
 
-def _output_roots(folder: Path, out: Path) -> list[Path]:
-    """Folders at or under (or above) ``folder`` that hold segment outputs: ``out`` and every folder
-    with a SEGMENT_RECORD."""
-    roots = [out.absolute()]
-    roots += [rec.parent.absolute() for rec in folder.rglob(SEGMENT_RECORD)]
+def _output_roots(folder: Path) -> list[Path]:
+    """Folders in, under or above ``folder`` that hold segment outputs (they have a SEGMENT_RECORD)."""
+    roots = [rec.parent.absolute() for rec in folder.rglob(SEGMENT_RECORD)]
     roots += [parent for parent in folder.absolute().parents if (parent / SEGMENT_RECORD).is_file()]
     return roots
 
@@ -563,11 +561,12 @@ def plan_outputs(paths: Sequence[str | os.PathLike], out: str | os.PathLike, str
         if not p.exists():
             raise DataError(f"input {p} does not exist")
         if p.is_dir():
-            roots = _output_roots(p, out)
-            for f in ImageFolder(p, strict=strict).files():
-                if _is_output_file(f) and any(f.absolute().is_relative_to(r) for r in roots):
-                    continue
-                sources.append((f, p))
+            roots = _output_roots(p)
+
+            def earlier_output(f: Path) -> bool:
+                return _is_output_file(f) and any(f.absolute().is_relative_to(r) for r in roots)
+
+            sources += [(f, p) for f in ImageFolder(p, strict=strict, exclude=earlier_output).files()]
         else:
             sources.append((p, p.parent))
     if not sources:
