@@ -262,17 +262,24 @@ def test_fit_from_a_config_file_keeps_its_method(run, tmp_path):
 # 12 -----------------------------------------------------------------------------------------------
 
 
-def test_demo_fits_each_method_in_its_own_run_and_small_folders_get_advice(tmp_path):
+@pytest.mark.slow
+def test_demo_fits_each_method_in_its_own_run_and_small_folders_fit(tmp_path):
     pytest.importorskip("skimage")
-    from unsupseg.demo import run_demo
+    from unsupseg.config import load_preset
+    from unsupseg.demo import PHOTOS, run_demo
     from unsupseg.methods import stego
 
     run_demo(tmp_path, "kmeans", 5, overwrite=False, log=lambda m: None)
-    run_demo(tmp_path, "stego", 5, overwrite=False, log=lambda m: None)
     assert rundir.load(tmp_path / "run-kmeans").config.method == "kmeans"
-    assert rundir.load(tmp_path / "run-stego").config.method == "stego"
-    with pytest.raises(ConfigError, match=r"--set params.batch_size=6 --set params.knn_k=4"):
-        stego._check(stego.Params(), 6, [(70, 10, 10)] * 6, 1, 6)
+    # another method fits its own run (here it stops at once on a bad K) instead of reusing k-means'
+    with pytest.raises(ConfigError, match="clusters must be at least 2"):
+        run_demo(tmp_path, "stego", 1, overwrite=False, log=lambda m: None)
+    # STEGO's demo preset fits the six photos; its defaults get a message saying what to set
+    n = len(PHOTOS)
+    demo = stego.Params(**load_preset("stego", "demo")["params"])
+    stego._check(demo, n, [(70, 40, 40)] * n, 1, min(demo.knn_pool, n))
+    with pytest.raises(ConfigError, match=r"--set params.batch_size=6 --set params.knn_k=5"):
+        stego._check(stego.Params(), n, [(70, 40, 40)] * n, 1, n)
 
 
 # 13 -----------------------------------------------------------------------------------------------
@@ -313,3 +320,26 @@ def test_pickles_holding_code_are_refused_saying_so(tmp_path):
         message = str(caught.value)
         assert "holds code" in message and "refused" in message and "system" in message
         assert "weights_only" not in message
+
+
+# 15 -----------------------------------------------------------------------------------------------
+
+
+def test_minor_defects(run, tmp_path):
+    # a file given as the run directory says so
+    with pytest.raises(RunDirError, match="is a file, not a run directory"):
+        unsupseg.load(run / "run" / "config.yaml")
+    # symlinked subfolders are followed (a loop back to the root is not)
+    write_images(tmp_path / "elsewhere", 2)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "linked").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "photos" / "loop").symlink_to(tmp_path / "photos")
+    from unsupseg.data import ImageFolder
+
+    assert ImageFolder(tmp_path / "photos").ids == ["linked/img_00", "linked/img_01"]
+    # a transparent PNG gives the same labels from its path and as a PIL image
+    rgba = np.zeros((48, 64, 4), dtype=np.uint8)
+    rgba[:, :32] = (200, 30, 30, 255)
+    Image.fromarray(rgba).save(tmp_path / "alpha.png")
+    seg = unsupseg.load(run / "run")
+    assert np.array_equal(seg.predict(tmp_path / "alpha.png"), seg.predict(Image.open(tmp_path / "alpha.png")))

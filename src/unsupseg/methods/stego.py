@@ -336,7 +336,7 @@ def _check(params: Params, n_images: int, shapes, world: int, pool: int) -> None
         raise ConfigError(
             f"STEGO needs at least params.batch_size={params.batch_size} training images, got {n_images}: "
             f"for a small collection pass --set params.batch_size={max(n_images, 2)}"
-            + (f" --set params.knn_k={max(min(params.knn_k, n_images - 2), 1)}" if params.knn_k >= n_images - 1 else "")
+            + (f" --set params.knn_k={max(n_images - 1, 1)}" if params.knn_k >= n_images else "")
         )
     if not 1 <= params.knn_k < pool:
         raise ConfigError(
