@@ -1,10 +1,8 @@
 """What keeps a user's work safe on bad or unusual inputs (segment and fit)."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 import warnings
 
 import numpy as np
@@ -17,6 +15,26 @@ import unsupseg.rundir
 from unsupseg.data import DataWarning
 from unsupseg.errors import DataError
 from tests.conftest import write_images
+
+
+def _until_paused(args: list[str], env: dict) -> subprocess.Popen:
+    """Start a child process that prints "paused" at its stop point and waits there; return once it
+    is there (no timing involved), or fail with its output if it ends first."""
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    output = []
+    for line in proc.stdout:
+        if line == b"paused\n":
+            return proc
+        output.append(line)
+    proc.wait()
+    pytest.fail("the child process ended before its stop point:\n" + b"".join(output).decode(errors="replace"))
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.kill()                           # kill -9
+    proc.wait()
+    proc.stdin.close()
+    proc.stdout.close()
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +92,11 @@ def test_huge_images_are_downscaled_with_a_warning(run_dir, tmp_path):
     assert Image.open(tmp_path / "out" / "big.png").size == (200, 150)
 
 
-# The child process pauses right before renaming the 6th overlay into place: 5 pairs are finished,
-# the 6th mask is final and its overlay is a complete temporary file. os.replace is wrapped only to
+# The child process pauses right before renaming the 4th overlay into place: 3 pairs are finished,
+# the 4th mask is final and its overlay is a complete temporary file. os.replace is wrapped only to
 # stop there (the kill lands at a known point, not at whatever moment a poll loop sees); it still
 # renames every other file.
-_PAUSE_BEFORE_6TH_OVERLAY = """
+_PAUSE_BEFORE_4TH_OVERLAY = """
 import os, sys
 import unsupseg
 
@@ -87,7 +105,7 @@ rename, overlays = os.replace, []
 def replace(src, dst):
     if str(dst).endswith("_overlay.jpg"):
         overlays.append(dst)
-        if len(overlays) == 6:
+        if len(overlays) == 4:
             print("paused", flush=True)
             sys.stdin.read()      # until killed
     rename(src, dst)
@@ -98,33 +116,46 @@ unsupseg.segment(sys.argv[1], [sys.argv[2]], sys.argv[3])
 
 
 def test_interrupted_segment_leaves_no_half_written_file(run_dir, tmp_path):
-    write_images(tmp_path / "many", 20, size=(160, 120))
+    write_images(tmp_path / "many", 12, size=(96, 72))
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", _PAUSE_BEFORE_6TH_OVERLAY, str(run_dir), str(tmp_path / "many"), str(out)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "UNSUPSEG_PROGRESS": "0"})
-    line = proc.stdout.readline()
-    proc.kill()                           # kill -9
-    _, err = proc.communicate()
-    assert line == b"paused\n", err.decode()
-    finished = [f"img_{i:02d}" for i in range(5)]
-    assert sorted(p.stem for p in out.glob("*.png")) == finished + ["img_05"]
+    _kill(_until_paused([sys.executable, "-c", _PAUSE_BEFORE_4TH_OVERLAY, str(run_dir), str(tmp_path / "many"), str(out)],
+                        {**os.environ, "UNSUPSEG_PROGRESS": "0"}))
+    finished = [f"img_{i:02d}" for i in range(3)]
+    assert sorted(p.stem for p in out.glob("*.png")) == finished + ["img_03"]
     assert sorted(p.name for p in out.glob("*_overlay.jpg")) == [f"{n}_overlay.jpg" for n in finished]
-    assert len(list(out.glob(".img_05_overlay.jpg.*.tmp"))) == 1      # the killed process's leftover
+    assert len(list(out.glob(".img_03_overlay.jpg.*.tmp"))) == 1      # the killed process's leftover
     for path in [*out.glob("*.png"), *out.glob("*_overlay.jpg")]:
         Image.open(path).load()          # every file under its final name is complete
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for n in finished for p in out.glob(f"{n}*")}
 
     # the next call removes the dead process's temporary file, keeps the finished pairs, redoes the rest
     written = unsupseg.segment(run_dir, [tmp_path / "many"], out)
-    assert sorted(p.name for p in written) == [f"img_{i:02d}.png" for i in range(5, 20)]
+    assert sorted(p.name for p in written) == [f"img_{i:02d}.png" for i in range(3, 12)]
     assert sorted(p.stem for p in written.skipped) == finished
     after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for n in finished for p in out.glob(f"{n}*")}
     assert after == before                # finished pairs were not rewritten
     assert not list(out.rglob("*.tmp"))
-    assert len(list(out.glob("*.png"))) == len(list(out.glob("*_overlay.jpg"))) == 20
+    assert len(list(out.glob("*.png"))) == len(list(out.glob("*_overlay.jpg"))) == 12
     for path in out.glob("img_*"):
         Image.open(path).load()
+
+
+# The CLI, stopped (until killed) right after a file of the given name is renamed into place.
+_PAUSE_AFTER_WRITING = """
+import os, sys
+from unsupseg.cli import main
+
+rename, target = os.replace, sys.argv.pop(1)
+
+def replace(src, dst):
+    rename(src, dst)
+    if os.path.basename(dst) == target:
+        print("paused", flush=True)
+        sys.stdin.read()          # until killed
+
+os.replace = replace
+main()
+"""
 
 
 def test_killed_fit_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(tmp_path):
@@ -144,14 +175,10 @@ def test_killed_fit_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one
     for override in overrides:
         command += ["--set", override]
     env = {**os.environ, "UNSUPSEG_PROGRESS": "0"}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     step2 = interrupted / "checkpoints" / "cause-step2-front-door.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and not step2.exists() and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert step2.exists() and not (interrupted / "weights.safetensors").exists(), "killed before the end of step 2"
+    # the first run stops right after writing its first Step 2 checkpoint, then is killed
+    _kill(_until_paused([sys.executable, "-c", _PAUSE_AFTER_WRITING, step2.name, *command[3:]], env))
+    assert step2.exists() and not (interrupted / "weights.safetensors").exists()
 
     again = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
     output = again.stdout + again.stderr
