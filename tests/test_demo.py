@@ -13,7 +13,7 @@ pytest.importorskip("skimage")
 @pytest.mark.slow
 def test_demo_fits_cause_and_writes_masks_overlays_and_report(tmp_path):
     table = run_demo(tmp_path, "cause-mlp", 5, overwrite=False, log=lambda m: None)
-    run = rundir.load(tmp_path / "run")
+    run = rundir.load(tmp_path / "run-cause-mlp")
     assert run.config.method == "cause-mlp" and run.config.backbone.name == "efficientnet_lite0"
     assert run.config.params["cluster_loss"] == "cosine"          # the demo preset, not the paper default
     assert run.state["cluster_probe"].shape == (5, 90)

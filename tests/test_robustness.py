@@ -1,10 +1,8 @@
 """What keeps a user's work safe on bad or unusual inputs (segment and fit)."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 import warnings
 
 import numpy as np
@@ -19,12 +17,34 @@ from unsupseg.errors import DataError
 from tests.conftest import write_images
 
 
+def _until_paused(args: list[str], env: dict) -> subprocess.Popen:
+    """Start a child process that prints "paused" at its stop point and waits there; return once it
+    is there (no timing involved), or fail with its output if it ends first."""
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    output = []
+    for line in proc.stdout:
+        if line == b"paused\n":
+            return proc
+        output.append(line)
+    proc.wait()
+    pytest.fail("the child process ended before its stop point:\n" + b"".join(output).decode(errors="replace"))
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.kill()                           # kill -9
+    proc.wait()
+    proc.stdin.close()
+    proc.stdout.close()
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("robust")
     write_images(tmp / "imgs", 3)
+    # its own feature cache: a module fixture runs before the per-test cache fixture, and copies of
+    # this file running at once must not share (or race on) the user's cache
     unsupseg.fit("kmeans", images=tmp / "imgs", out=tmp / "run", clusters=3, backbone="efficientnet_lite0",
-                 overrides=["data.resolution=48", "params.restarts=1"], log=lambda m: None)
+                 overrides=["data.resolution=48", "params.restarts=1", f"cache_dir={tmp / 'cache'}"], log=lambda m: None)
     return tmp / "run"
 
 
@@ -72,30 +92,70 @@ def test_huge_images_are_downscaled_with_a_warning(run_dir, tmp_path):
     assert Image.open(tmp_path / "out" / "big.png").size == (200, 150)
 
 
+# The child process pauses right before renaming the 4th overlay into place: 3 pairs are finished,
+# the 4th mask is final and its overlay is a complete temporary file. os.replace is wrapped only to
+# stop there (the kill lands at a known point, not at whatever moment a poll loop sees); it still
+# renames every other file.
+_PAUSE_BEFORE_4TH_OVERLAY = """
+import os, sys
+import unsupseg
+
+rename, overlays = os.replace, []
+
+def replace(src, dst):
+    if str(dst).endswith("_overlay.jpg"):
+        overlays.append(dst)
+        if len(overlays) == 4:
+            print("paused", flush=True)
+            sys.stdin.read()      # until killed
+    rename(src, dst)
+
+os.replace = replace
+unsupseg.segment(sys.argv[1], [sys.argv[2]], sys.argv[3])
+"""
+
+
 def test_interrupted_segment_leaves_no_half_written_file(run_dir, tmp_path):
-    write_images(tmp_path / "many", 20, size=(160, 120))
-    script = (
-        "import unsupseg, sys; unsupseg.segment(sys.argv[1], [sys.argv[2]], sys.argv[3])"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", script, str(run_dir), str(tmp_path / "many"), str(tmp_path / "out")],
-                            env={**os.environ, "UNSUPSEG_PROGRESS": "0"})
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((tmp_path / "out").glob("*.png"))) < 3:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = sorted((tmp_path / "out").glob("*.png"))
-    assert 3 <= len(done) < 20
-    for path in done:
-        Image.open(path).load()          # every mask under its final name is complete
-    # finished = mask and overlay both there, counted before the next call (the kill can land between
-    # an image's mask and its overlay: that image is redone)
-    finished = [p for p in done if (p.parent / f"{p.stem}_overlay.jpg").exists()]
-    # the next call cleans temporary files, keeps finished outputs and completes the rest
-    written = unsupseg.segment(run_dir, [tmp_path / "many"], tmp_path / "out")
-    assert len(written) == 20 - len(finished)
-    assert not list((tmp_path / "out").glob(".*.tmp"))
-    assert len(list((tmp_path / "out").glob("*_overlay.jpg"))) == 20
+    write_images(tmp_path / "many", 12, size=(96, 72))
+    out = tmp_path / "out"
+    _kill(_until_paused([sys.executable, "-c", _PAUSE_BEFORE_4TH_OVERLAY, str(run_dir), str(tmp_path / "many"), str(out)],
+                        {**os.environ, "UNSUPSEG_PROGRESS": "0"}))
+    finished = [f"img_{i:02d}" for i in range(3)]
+    assert sorted(p.stem for p in out.glob("*.png")) == finished + ["img_03"]
+    assert sorted(p.name for p in out.glob("*_overlay.jpg")) == [f"{n}_overlay.jpg" for n in finished]
+    assert len(list(out.glob(".img_03_overlay.jpg.*.tmp"))) == 1      # the killed process's leftover
+    for path in [*out.glob("*.png"), *out.glob("*_overlay.jpg")]:
+        Image.open(path).load()          # every file under its final name is complete
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for n in finished for p in out.glob(f"{n}*")}
+
+    # the next call removes the dead process's temporary file, keeps the finished pairs, redoes the rest
+    written = unsupseg.segment(run_dir, [tmp_path / "many"], out)
+    assert sorted(p.name for p in written) == [f"img_{i:02d}.png" for i in range(3, 12)]
+    assert sorted(p.stem for p in written.skipped) == finished
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for n in finished for p in out.glob(f"{n}*")}
+    assert after == before                # finished pairs were not rewritten
+    assert not list(out.rglob("*.tmp"))
+    assert len(list(out.glob("*.png"))) == len(list(out.glob("*_overlay.jpg"))) == 12
+    for path in out.glob("img_*"):
+        Image.open(path).load()
+
+
+# The CLI, stopped (until killed) right after a file of the given name is renamed into place.
+_PAUSE_AFTER_WRITING = """
+import os, sys
+from unsupseg.cli import main
+
+rename, target = os.replace, sys.argv.pop(1)
+
+def replace(src, dst):
+    rename(src, dst)
+    if os.path.basename(dst) == target:
+        print("paused", flush=True)
+        sys.stdin.read()          # until killed
+
+os.replace = replace
+main()
+"""
 
 
 def test_killed_fit_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(tmp_path):
@@ -115,14 +175,10 @@ def test_killed_fit_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one
     for override in overrides:
         command += ["--set", override]
     env = {**os.environ, "UNSUPSEG_PROGRESS": "0"}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     step2 = interrupted / "checkpoints" / "cause-step2-front-door.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and not step2.exists() and proc.poll() is None:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert step2.exists() and not (interrupted / "weights.safetensors").exists(), "killed before the end of step 2"
+    # the first run stops right after writing its first Step 2 checkpoint, then is killed
+    _kill(_until_paused([sys.executable, "-c", _PAUSE_AFTER_WRITING, step2.name, *command[3:]], env))
+    assert step2.exists() and not (interrupted / "weights.safetensors").exists()
 
     again = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
     output = again.stdout + again.stderr

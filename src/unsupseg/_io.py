@@ -1,16 +1,27 @@
-"""Atomic file writing shared by every layer.
+"""File writing (and safe reading) shared by every layer.
 
 A file is written to a temporary name in the destination folder and renamed into place, so a crash
-or kill never leaves a half-written output under the final name.
+or kill never leaves a half-written output under the final name. Temporary names carry the host and
+process that write them, so a later call removes only the leftovers of dead processes of this host,
+never a live neighbour's files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import OutputError
+
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+# .<final name>.<host>~<pid>~<random>.tmp
+_TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)~(?P<pid>\d+)~[^.]*\.tmp$")
 
 
 @contextlib.contextmanager
@@ -18,7 +29,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}~{os.getpid()}~", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -43,3 +54,79 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, recursive: bool = False) -> int:
+    """Delete the temporary files that ``atomic_path`` left in ``folder`` when its process was killed:
+    only names of this host whose process is gone. Returns how many were removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for tmp in folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"):
+        match = _TEMP.match(tmp.name)
+        if match is None or match["host"] != _HOST or _alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed += 1
+    return removed
+
+
+def check_writable_dir(folder: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``folder`` if needed and prove it takes files; OutputError with the reason otherwise.
+
+    Called before long work, so a bad ``--out`` fails in a second, not after an hour."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{what} {folder} is a file, not a folder; choose a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".write-probe.{_HOST}~{os.getpid()}~", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputError(f"cannot write into {what} {folder}: {err.strerror or err}") from None
+    return folder
+
+
+def check_writable_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """``path`` can be (re)placed by a file: it is not a folder and its folder takes files."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a folder; give a file name (e.g. {path / 'out'}.*)")
+    check_writable_dir(path.parent, f"folder of the {what}")
+    return path
+
+
+def torch_load_plain(path: str | os.PathLike, error: type[Exception], allowed: tuple = ()):
+    """``torch.load`` of a file that may only hold tensors and plain containers (plus ``allowed``
+    classes). A pickle naming anything else (a function such as os.system, a class) is refused with
+    ``error``: the file holds code, and unsupseg never runs code from a file."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        if found is None:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise error(f"cannot read {path}: not a PyTorch file or damaged ({first})") from None
+        raise error(
+            f"refusing to load {path}: the file holds code ({found.group(1)}), not only tensors; "
+            "unsupseg never unpickles code or objects, so it is refused. Use weights saved as plain tensors "
+            "(a state dict or a .safetensors file)"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError) as err:
+        raise error(f"cannot read {path}: not a PyTorch file or damaged ({type(err).__name__}: {err})") from None

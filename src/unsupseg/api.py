@@ -5,6 +5,7 @@ The CLI is a thin layer over these functions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -19,12 +20,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import __version__, rundir
-from ._io import atomic_path, atomic_write_text
+from ._io import atomic_path, atomic_write_text, check_writable_dir, check_writable_file, remove_stale_temporaries
 from ._progress import console, track
 from .backbones import build_backbone
 from .config import (
     RunConfig,
     apply_overrides,
+    check_clusters,
     from_dict,
     has_preset,
     load_preset,
@@ -32,9 +34,9 @@ from .config import (
     to_dict,
 )
 from .data import CroppedDataset, CropView, ImageFolder, Preprocess, build_dataset, load_image
-from .data.images import DEFAULT_MAX_PIXELS
+from .data.images import DEFAULT_MAX_PIXELS, DataWarning, to_rgb
 from .engine import autocast, init_distributed, resolve_precision
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, OutputError, RunDirError
 from .evaluation.metrics import ConfusionMatrix, leopart_score, score
 from .evaluation.visualize import overlay
 from .features.extract import extract_features
@@ -43,6 +45,11 @@ from .methods import get_method
 from .methods.base import FitContext, LinearProbe, Predictor, PredictorInfo
 
 __all__ = ["Segmenter", "evaluate", "fit", "fit_config", "load", "plan", "resolve_config", "segment"]
+
+# A photo's longer side is processed at most this many times the test resolution (see model_input).
+LONG_SIDE_FACTOR = 8
+# what one photo (or its batch) may raise in preprocessing or the forward pass: it is skipped, not fatal
+PREDICT_ERRORS = (RuntimeError, ValueError, MemoryError)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -80,10 +87,35 @@ def resolve_config(
     explicit = [f"{key}={json.dumps(value)}" for key, value in fields.items() if value is not None]
     merged = apply_overrides(merged, explicit + list(overrides))
     config = from_dict(RunConfig, merged)
+    check_clusters(config.clusters, min_clusters(method))
     # the method's own dataclass checks the params section (unknown keys name the closest one)
     params = from_dict(get_method(method).Params, config.params, "params")
     config.params = to_dict(params)
     return config
+
+
+def min_clusters(method: str) -> int:
+    return getattr(get_method(method), "MIN_CLUSTERS", 1)
+
+
+def _absolute_paths(config: RunConfig) -> None:
+    """Store the run's paths absolute, so that the run works from any folder (``report``, ``fit
+    --config RUN/config.yaml``); ``--images`` etc. still override them."""
+    def absolute(value: str | None) -> str | None:
+        return None if value is None else os.path.abspath(os.path.expanduser(value))
+
+    d = config.data
+    d.images, d.root, d.crops = absolute(d.images), absolute(d.root), absolute(d.crops)
+    config.cache_dir = absolute(config.cache_dir)
+    if config.backbone.weights not in ("auto", "random"):
+        config.backbone.weights = absolute(config.backbone.weights)
+
+
+def _check_cache_dir(config: RunConfig) -> None:
+    from .features.cache import default_cache_dir
+
+    where = "feature cache folder" + ("" if config.cache_dir else " (UNSUPSEG_CACHE_DIR or ~/.cache/unsupseg/features)")
+    check_writable_dir(config.cache_dir or default_cache_dir(), where)
 
 
 def _method_params(config: RunConfig):
@@ -153,7 +185,7 @@ def fit_config(
 
 
 def fit(
-    method: str = "kmeans",
+    method: str | None = None,
     *,
     out: str | os.PathLike,
     backbone: str | None = None,
@@ -171,20 +203,35 @@ def fit(
 ) -> "Segmenter":
     """Fit ``method`` and write a run directory at ``out``; returns its Segmenter.
 
-    An interrupted fit with the same configuration resumes from its last checkpoint.
+    ``method`` None: the config file's method, else kmeans. An interrupted fit with the same
+    configuration resumes from its last checkpoint; a fit that fails before its first checkpoint
+    leaves nothing behind.
     """
     log = log or (lambda msg: console.print(msg))
     config = fit_config(method, backbone=backbone, backbone_weights=backbone_weights, images=images, dataset=dataset,
                         root=root, split=split, clusters=clusters, preset=preset, config_file=config_file,
                         overrides=overrides)
+    _absolute_paths(config)
     dist = init_distributed(config.device, config.precision)
     out = Path(out)
+    created = not out.exists()
+    if dist.is_main:
+        _check_cache_dir(config)
     resuming = rundir.prepare(out, config, overwrite) if dist.is_main else False
     dist.barrier()
     if resuming:
         log(f"resuming the unfinished run in {out}")
     if dist.precision == "bf16":
         log(f"training steps in bf16 autocast on {dist.device} (float32 weights); --set precision=fp32 turns it off")
+    try:
+        return _fit(config, out, dist, log)
+    except BaseException:
+        if dist.is_main:
+            rundir.abandon(out, created)
+        raise
+
+
+def _fit(config: RunConfig, out: Path, dist, log: Callable[[str], None]) -> "Segmenter":
     torch.manual_seed(config.seed)
     train_data = build_train_dataset(config)
     net = build_backbone(config.backbone.name, config.backbone.weights, device=dist.device, **config.backbone.options)
@@ -199,6 +246,7 @@ def fit(
             description=f"features {prep.resolution}px",
         )
         log(f"training features at {prep.resolution}px, {len(source)} items: {reason}")
+        check_clusters(config.clusters, tokens=sum(shape[1] * shape[2] for shape in source.shapes))
         return source
 
     module = get_method(config.method)
@@ -325,7 +373,13 @@ class Segmenter:
             )
         module = get_method(config.method)
         info = PredictorInfo(num_clusters=config.clusters, feature_dim=backbone.dim, stride=backbone.stride)
-        predictor = module.build_predictor(_method_params(config), run.state, info)
+        try:
+            predictor = module.build_predictor(_method_params(config), run.state, info)
+        except KeyError as err:
+            raise RunDirError(
+                f"{run.path / rundir.WEIGHTS} does not hold a {config.method} model (no {err} tensor): "
+                "the weights belong to another method or run"
+            ) from None
         return cls(config, backbone, predictor, dev, run.path, precision)
 
     @property
@@ -408,42 +462,63 @@ class Segmenter:
         """Cluster id per pixel (H x W) for a photo (path or PIL image) at its displayed size.
 
         A file above ``max_pixels`` is downscaled on load (with a warning) and labelled at that size.
+        A PIL image is converted as a file is read (transparency composited onto white).
         """
+        check_max_pixels(max_pixels)
         return self.predict_batch([image], crf, max_pixels)[0]
 
     def predict_batch(self, images: Sequence, crf: bool | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                       batch_size: int | None = None) -> list[np.ndarray]:
         """``predict`` of several photos (paths or PIL images), in their order; photos of the same
-        preprocessed size go through the backbone and the head together (see ``predict_stream``)."""
-        pils = [load_image(im, max_pixels=max_pixels) if not isinstance(im, Image.Image) else im for im in images]
-        labels = {i: lab for i, _, lab in self.predict_stream(enumerate(pils), crf, batch_size)}
+        preprocessed size go through the backbone and the head together (see ``predict_stream``).
+        A PIL image is converted as a file is read (transparency composited onto white)."""
+        check_max_pixels(max_pixels)
+        pils = [to_rgb(im) if isinstance(im, Image.Image) else load_image(im, max_pixels=max_pixels) for im in images]
+        names = [f"image {i}" if isinstance(im, Image.Image) else str(im) for i, im in enumerate(images)]
+        labels = {i: lab for i, _, lab in self.predict_stream(enumerate(pils), crf, batch_size, name=names.__getitem__)}
         return [labels[i] for i in range(len(pils))]
 
     def predict_stream(self, items: Iterable[tuple[object, Image.Image]], crf: bool | None = None,
-                       batch_size: int | None = None) -> Iterator[tuple[object, Image.Image, np.ndarray]]:
+                       batch_size: int | None = None, *, name: Callable[[object], str] = str,
+                       on_error: Callable[[object, Exception], None] | None = None,
+                       ) -> Iterator[tuple[object, Image.Image, np.ndarray]]:
         """``(key, photo, labels at the photo's size)`` for each ``(key, PIL photo)`` of ``items``.
 
         Photos are grouped by preprocessed size and run ``batch_size`` (default: ``self.batch_size``)
         to a forward pass. At most ``batch_size`` photos are held: when that many
         wait, the largest same-size group runs, so results come out of input order. Memory stays
-        bounded by the batch size, whatever the number of photos.
+        bounded by the batch size, whatever the number of photos. ``name(key)`` names a photo in
+        warnings. With ``on_error``, a photo that cannot be preprocessed or predicted (and
+        the rest of its batch) is reported to it by key and the stream goes on.
         """
         size = batch_size or self.batch_size
         if size < 1:
             raise ConfigError(f"batch size must be at least 1, got {size}")
-        prep = self.preprocess()
         groups: dict[tuple[int, ...], list[tuple[object, Image.Image, torch.Tensor]]] = {}
 
         def run(shape):
             group = groups.pop(shape)
-            labels = self.predict_tensors(torch.stack([t for _, _, t in group]), crf, probabilities=False).labels
+            try:
+                labels = self.predict_tensors(torch.stack([t for _, _, t in group]), crf, probabilities=False).labels
+            except PREDICT_ERRORS as err:
+                if on_error is None:
+                    raise
+                for key, _, _ in group:
+                    on_error(key, err)
+                return
             for (key, pil, _), lab in zip(group, labels):
                 yield key, pil, self._displayed(lab, pil)
 
         waiting = 0
         for key, image in items:
-            pil = image.convert("RGB")
-            tensor, _ = prep.apply(pil)
+            pil = to_rgb(image)
+            try:
+                tensor = self.model_input(pil, name(key))
+            except PREDICT_ERRORS as err:
+                if on_error is None:
+                    raise
+                on_error(key, err)
+                continue
             groups.setdefault(tuple(tensor.shape), []).append((key, pil, tensor))
             waiting += 1
             if waiting == size:
@@ -452,6 +527,26 @@ class Segmenter:
                 yield from run(largest)
         for shape in list(groups):
             yield from run(shape)
+
+    def model_input(self, pil: Image.Image, name: str = "image") -> torch.Tensor:
+        """The preprocessed tensor of an RGB photo: shorter side at the test resolution, the longer side
+        capped at LONG_SIDE_FACTOR times it (a 1000 x 4 strip would otherwise become 80,000 pixels
+        long), with a warning naming ``name``."""
+        prep = self.preprocess()
+        new_h, new_w = prep.resized_size(pil.height, pil.width)
+        cap = LONG_SIDE_FACTOR * self.resolution
+        if max(new_h, new_w) <= cap:
+            return prep.apply(pil)[0]
+        scale = cap / max(pil.height, pil.width)
+        size = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
+        warnings.warn(
+            f"{name}: {pil.width}x{pil.height} is a very elongated image; segmented at {size[0]}x{size[1]} "
+            f"(longer side capped at {cap} px) instead of {new_w}x{new_h}",
+            DataWarning,
+            stacklevel=3,
+        )
+        pixels = np.asarray(pil.resize(size, Image.BILINEAR), dtype=np.uint8)
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
 
     def _displayed(self, labels: np.ndarray, pil: Image.Image) -> np.ndarray:
         """Labels resized (nearest) from the preprocessed size to the photo's."""
@@ -549,6 +644,8 @@ def evaluate(
     a GPU, 1 on CPU; see ``Segmenter.batch_size``). ``precision`` (auto | bf16 | fp32) applies when
     ``run`` is a path.
     """
+    if json_path is not None:
+        check_writable_file(json_path, "--json file")
     seg = run if isinstance(run, Segmenter) else load(run, precision=precision)
     config = seg.config
     if probe not in PROBES:
@@ -695,6 +792,8 @@ def evaluate_overcluster(
     standardise, PCA 50, k-means with each K, many-to-one matching; mean and std over seeds."""
     from .evaluation.overcluster import overcluster_scores
 
+    if json_path is not None:
+        check_writable_file(json_path, "--json file")
     seg = run if isinstance(run, Segmenter) else load(run)
     data = build_dataset(dataset, str(root), split)
     if data.num_classes is None:
@@ -714,18 +813,140 @@ def evaluate_overcluster(
 # ----------------------------------------------------------------------------- segment
 
 
-def _inputs(paths: Iterable[str | os.PathLike], strict: bool) -> list[tuple[str, Path]]:
-    """(output name without extension, image path) for every image file under ``paths``."""
-    items = []
+# Beside the masks: which run (and CRF setting) wrote them, so that a later call does not mix runs in
+# one folder, and a folder holding it is known to hold outputs (never read back as inputs).
+SEGMENT_RECORD = ".unsupseg-segment.json"
+
+
+def check_max_pixels(max_pixels: int | None) -> None:
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
+        raise ConfigError(f"max_pixels must be a positive number of pixels (or None: no limit), got {max_pixels!r}")
+
+
+@dataclass(frozen=True)
+class OutputItem:
+    """One input image and the two files ``segment`` writes for it."""
+
+    source: Path
+    name: str          # output name without extension, relative to the output folder (posix)
+    mask: Path
+    overlay: Path
+
+    def done(self) -> bool:
+        return self.mask.exists() and self.overlay.exists()
+
+
+def _is_output_file(path: Path) -> bool:
+    return path.suffix.lower() == ".png" or path.name.endswith("_overlay.jpg")
+
+
+def _output_roots(folder: Path) -> list[Path]:
+    """Folders in, under or above ``folder`` that hold segment outputs (they have a SEGMENT_RECORD)."""
+    roots = [rec.parent.absolute() for rec in folder.rglob(SEGMENT_RECORD)]
+    roots += [parent for parent in folder.absolute().parents if (parent / SEGMENT_RECORD).is_file()]
+    return roots
+
+
+def plan_outputs(paths: Sequence[str | os.PathLike], out: str | os.PathLike, strict: bool = False) -> list[OutputItem]:
+    """Every input image under ``paths`` with its output files in ``out``.
+
+    Output names mirror the inputs' folders below their common folder (a/x.png and b/x.png become
+    a/x.png and b/x.png in ``out``); an image given twice is segmented once. Masks and overlays found
+    in an output folder inside an input folder are not inputs. OutputError when two inputs would
+    share an output, or an output would land on an input file.
+    """
+    out = Path(out)
+    sources: list[tuple[Path, Path]] = []     # (image, the folder its name is relative to)
     for p in map(Path, paths):
         if not p.exists():
             raise DataError(f"input {p} does not exist")
         if p.is_dir():
-            folder = ImageFolder(p, strict=strict)
-            items += [(sid, f) for sid, f in zip(folder.ids, folder.files())]
+            roots = _output_roots(p)
+
+            def earlier_output(f: Path) -> bool:
+                return _is_output_file(f) and any(f.absolute().is_relative_to(r) for r in roots)
+
+            sources += [(f, p) for f in ImageFolder(p, strict=strict, exclude=earlier_output).files()]
         else:
-            items.append((p.stem, p))
+            sources.append((p, p.parent))
+    if not sources:
+        return []
+    common = Path(os.path.commonpath([str(base.absolute()) for _, base in sources]))
+    items: list[OutputItem] = []
+    seen: dict[Path, Path] = {}
+    names: dict[str, Path] = {}
+    for f, _ in sources:
+        real = f.resolve()
+        if real in seen:
+            continue
+        seen[real] = f
+        name = f.absolute().relative_to(common).with_suffix("").as_posix()
+        if name in names:
+            raise OutputError(f"{names[name]} and {f} would both be written as {out / name}.png; "
+                              "rename one, or segment them into separate --out folders")
+        names[name] = f
+        items.append(OutputItem(f, name, out / f"{name}.png", out / f"{name}_overlay.jpg"))
+    for item in items:
+        for target in (item.mask, item.overlay):
+            if target.resolve() in seen:
+                raise OutputError(f"the output {target} would replace the input image {seen[target.resolve()]}; "
+                                  "choose another --out (nothing was written)")
     return items
+
+
+def _run_identity(seg: Segmenter, crf: bool) -> dict:
+    digest = hashlib.sha256(json.dumps(to_dict(seg.config), sort_keys=True, default=str).encode())
+    digest.update(str(seg.backbone.weights_id).encode())
+    for key, value in sorted(seg.predictor.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {"run": str(seg.path.absolute()) if seg.path is not None else None, "method": seg.config.method,
+            "model_sha256": digest.hexdigest(), "crf": crf}
+
+
+def claim_output_folder(seg: Segmenter, out: Path, items: list[OutputItem], crf: bool, overwrite: bool) -> None:
+    """Check ``out`` takes files, refuse to mix another run's masks in, and record this run there."""
+    check_writable_dir(out, "--out folder")
+    mine = _run_identity(seg, crf)
+    record = out / SEGMENT_RECORD
+    if record.is_file() and not overwrite:
+        try:
+            theirs = json.loads(record.read_text())
+        except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+            theirs = {}
+        if (theirs.get("model_sha256"), theirs.get("crf")) != (mine["model_sha256"], mine["crf"]):
+            raise OutputError(
+                f"{out} holds the masks of another run ({theirs.get('run')}, method {theirs.get('method')}, "
+                f"CRF {'on' if theirs.get('crf') else 'off'}); choose another --out, or pass --overwrite to "
+                "replace them with this run's"
+            )
+    elif not record.is_file() and not overwrite:
+        found = next((item for item in items if item.mask.exists() or item.overlay.exists()), None)
+        if found is not None:
+            raise OutputError(
+                f"{out} already holds files named like this call's outputs (e.g. {found.mask.name}) that no "
+                "segment call recorded; choose another --out, or pass --overwrite to replace them"
+            )
+    atomic_write_text(record, json.dumps(mine, indent=2))
+
+
+def write_outputs(item: OutputItem, image: Image.Image, labels: np.ndarray, num_clusters: int) -> None:
+    """The mask (cluster id per pixel, 8- or 16-bit PNG) and the overlay, each written atomically."""
+    dtype = np.uint8 if num_clusters <= 256 else np.uint16
+    with atomic_path(item.mask) as tmp:
+        Image.fromarray(labels.astype(dtype)).save(tmp, format="PNG")
+    with atomic_path(item.overlay) as tmp:
+        overlay(image, labels, num_clusters).save(tmp, format="JPEG", quality=90)
+
+
+class SegmentResult(list):
+    """The masks written (a list of paths), with the images ``skipped`` because their outputs were
+    already there and those that ``failed`` (unreadable or not segmentable, with a warning each)."""
+
+    def __init__(self):
+        super().__init__()
+        self.skipped: list[Path] = []
+        self.failed: list[Path] = []
 
 
 def segment(
@@ -739,7 +960,7 @@ def segment(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     batch_size: int | None = None,
     precision: str | None = None,
-) -> list[Path]:
+) -> SegmentResult:
     """Write ``<name>.png`` (cluster id per pixel, at the photo's displayed size) and
     ``<name>_overlay.jpg`` for every input image; returns the masks written, in the order written.
 
@@ -747,42 +968,51 @@ def segment(
     on a GPU, 1 on CPU; see ``Segmenter.batch_size``); at most that many are held (bounded memory).
     Under torchrun each process takes every world-size-th image of the sorted inputs, so the
     processes share the work and no two write the same file. Images whose outputs exist are skipped
-    unless ``overwrite``; unreadable images are skipped with a warning (an error when ``strict``);
-    images above ``max_pixels`` are downscaled with a warning and their outputs written at that size.
-    Every file is written atomically. ``precision`` (auto | bf16 | fp32) applies when ``run`` is a
-    path.
+    (counted in ``result.skipped``) unless ``overwrite``; an image that cannot be read or segmented
+    is skipped with a warning naming it (an error when ``strict``); images above ``max_pixels`` are
+    downscaled with a warning and their outputs written at that size. Every file is written
+    atomically. ``out`` records the run; masks of another run there are an error unless
+    ``overwrite``. Nothing is ever written onto an input. ``precision`` (auto | bf16 | fp32)
+    applies when ``run`` is a path.
     """
-    seg = run if isinstance(run, Segmenter) else load(run, precision=precision)
+    check_max_pixels(max_pixels)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a folder; give a folder for the masks and overlays")
+    items = plan_outputs(inputs, out, strict)
+    seg = run if isinstance(run, Segmenter) else load(run, precision=precision)
+    crf = seg.config.test.crf if crf is None else crf
     dist = init_distributed(seg.device.type)
-    # temporary files left by an interrupted earlier call (kill -9 skips the clean-up) go first;
-    # one process removes them before any starts writing its own
     if dist.is_main:
-        for stale in out.glob(".*.tmp") if out.is_dir() else []:
-            stale.unlink(missing_ok=True)
+        claim_output_folder(seg, out, items, crf, overwrite)
+        # temporary files of earlier calls that were killed (kill -9 skips the clean-up); a live
+        # neighbour's are left alone
+        remove_stale_temporaries(out, recursive=True)
     dist.barrier()
-    written: list[Path] = []
-    items = _inputs(inputs, strict)[dist.rank :: dist.world_size]
+    result = SegmentResult()
+    mine = items[dist.rank :: dist.world_size]
+
+    def failed(item, err: Exception) -> None:
+        if strict:
+            raise err if isinstance(err, DataError) else DataError(f"{item.source}: cannot segment ({err})") from err
+        warnings.warn(f"skipping {item.source}: {err}" if not isinstance(err, DataError)
+                      else f"skipping unreadable image: {err}", DataWarning, stacklevel=3)
+        result.failed.append(item.source)
 
     def todo():
-        for name, path in track(items, len(items), "segmenting"):
-            mask_path, overlay_path = out / f"{name}.png", out / f"{name}_overlay.jpg"
-            if not overwrite and mask_path.exists() and overlay_path.exists():
+        for item in track(mine, len(mine), "segmenting"):
+            if not overwrite and item.done():
+                result.skipped.append(item.source)
                 continue
             try:
-                image = load_image(path, max_pixels=max_pixels)
+                image = load_image(item.source, max_pixels=max_pixels)
             except DataError as err:
-                if strict:
-                    raise
-                warnings.warn(f"skipping unreadable image: {err}", stacklevel=2)
+                failed(item, err)
                 continue
-            yield (mask_path, overlay_path), image
+            yield item, image
 
-    for (mask_path, overlay_path), image, labels in seg.predict_stream(todo(), crf=crf, batch_size=batch_size):
-        dtype = np.uint8 if seg.num_clusters <= 256 else np.uint16
-        with atomic_path(mask_path) as tmp:
-            Image.fromarray(labels.astype(dtype)).save(tmp, format="PNG")
-        with atomic_path(overlay_path) as tmp:
-            overlay(image, labels, seg.num_clusters).save(tmp, format="JPEG", quality=90)
-        written.append(mask_path)
-    return written
+    stream = seg.predict_stream(todo(), crf=crf, batch_size=batch_size, name=lambda item: str(item.source), on_error=failed)
+    for item, image, labels in stream:
+        write_outputs(item, image, labels, seg.num_clusters)
+        result.append(item.mask)
+    return result

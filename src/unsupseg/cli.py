@@ -66,7 +66,8 @@ def print_seed_scores(report: dict, title: str) -> None:
 @app.command()
 def fit(
     run_dir: Path = typer.Option(..., "--out", help="Run directory to write (resumes an interrupted fit)."),
-    method: str = typer.Option("kmeans", help="kmeans, cause-mlp, cause-tr, stego, leopart."),
+    method: Optional[str] = typer.Option(None, help="kmeans, cause-mlp, cause-tr, stego, leopart "
+                                         "(default: the --config file's method, else kmeans)."),
     backbone: Optional[str] = typer.Option(None, help="Backbone name (see `unsupseg backbones`)."),
     backbone_weights: Optional[str] = typer.Option(None, help="Weights file for the backbone, or 'random'."),
     images: Optional[Path] = typer.Option(None, help="Folder of unlabelled images to train on."),
@@ -77,7 +78,8 @@ def fit(
     preset: Optional[str] = typer.Option(None, help="Preset name or YAML file (default: the dataset's)."),
     config: Optional[Path] = typer.Option(None, help="A YAML run config to start from."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: --set params.lr=0.001"),
-    overwrite: bool = typer.Option(False, help="Replace an existing finished run."),
+    overwrite: bool = typer.Option(False, help="Replace the run in --out (its own files only; a folder that is "
+                                   "not a run directory is never touched)."),
     plan: bool = typer.Option(False, "--plan", help="Print what the fit would do (items, feature source and "
                               "size, steps, memory) and exit: no training, nothing written, no weights needed."),
     throughput: Optional[float] = typer.Option(None, help="With --plan: training items per second measured on the "
@@ -108,7 +110,7 @@ def segment(
     inputs: list[Path] = typer.Argument(..., help="Images or folders of images."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for <name>.png and <name>_overlay.jpg."),
     crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="Dense CRF refinement (default: the run's)."),
-    overwrite: bool = typer.Option(False, help="Redo images whose outputs exist."),
+    overwrite: bool = typer.Option(False, help="Redo images whose outputs exist (also when another run wrote them)."),
     strict: bool = typer.Option(False, help="Stop at the first unreadable image instead of skipping it."),
     max_pixels: int = typer.Option(40_000_000, help="Downscale (with a warning) photos larger than this."),
     batch_size: Optional[int] = typer.Option(None, help="Same-size photos per forward pass (default: the run's batch_size on a GPU, 1 on CPU)."),
@@ -117,9 +119,14 @@ def segment(
     """Segment photos with a fitted run (under torchrun, each process takes its share of the photos)."""
     from .api import segment as api_segment
 
-    written = api_segment(run_dir, inputs, out_dir, crf=crf, overwrite=overwrite, strict=strict, max_pixels=max_pixels,
-                          batch_size=batch_size, precision=precision)
-    out.print(f"wrote {len(written)} masks and overlays to {out_dir}")
+    result = api_segment(run_dir, inputs, out_dir, crf=crf, overwrite=overwrite, strict=strict, max_pixels=max_pixels,
+                         batch_size=batch_size, precision=precision)
+    message = f"wrote {len(result)} masks and overlays to {out_dir}"
+    if result.skipped:
+        message += f"; skipped {len(result.skipped)} images whose outputs were already there (--overwrite redoes them)"
+    if result.failed:
+        message += f"; {len(result.failed)} images could not be segmented (see the warnings)"
+    out.print(message)
 
 
 @app.command()
@@ -180,9 +187,8 @@ def report(
     """Write a self-contained HTML report: overlays, cluster gallery, metrics where labels exist."""
     from .reporting import build_report
 
-    path = build_report(run_dir, out_file, images=images, dataset=dataset, root=root, split=split,
-                        max_images=max_images, crf=crf, log=out.print)
-    out.print(f"report written to {path}")
+    build_report(run_dir, out_file, images=images, dataset=dataset, root=root, split=split,
+                 max_images=max_images, crf=crf, log=out.print)
 
 
 @app.command("finetune-leopart")
@@ -351,7 +357,17 @@ def demo(
     out.print(f"masks and overlays in {out_dir / 'masks'}, report in {out_dir / 'report.html'}")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # one line naming the problem, without the library's source line
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
+
+
 def main() -> None:
+    import warnings
+
+    warnings.showwarning = _show_warning
     try:
         app(standalone_mode=False)
     except UnsupsegError as err:

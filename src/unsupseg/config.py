@@ -23,6 +23,29 @@ from .errors import ConfigError
 CONFIG_VERSION = 1
 CROP_KINDS = ("none", "five", "double", "super")
 
+# Input sides above this are refused: features and scores of one 2048-px image already take gigabytes.
+MAX_RESOLUTION = 2048
+
+
+def check_clusters(value: Any, minimum: int = 1, tokens: int | None = None, where: str = "clusters") -> int:
+    """The number of clusters K, checked in one place: an integer >= ``minimum`` and, when the number
+    of training tokens is known, at most that many (each cluster needs a token to start from)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{where} must be at least {minimum}, got {value}")
+    if tokens is not None and value > tokens:
+        raise ConfigError(
+            f"{where}={value} is more than the {tokens} training tokens (feature-map positions) to cluster; "
+            "lower --clusters, or train on more images or at a higher data.resolution"
+        )
+    return value
+
+
+def _check_resolution(value: Any, where: str) -> None:
+    if value is not None and not 1 <= value <= MAX_RESOLUTION:
+        raise ConfigError(f"{where} must be between 1 and {MAX_RESOLUTION} pixels, got {value}")
+
 
 @dataclass
 class BackboneConfig:
@@ -51,6 +74,9 @@ class DataConfig:
         if self.crop not in CROP_KINDS:
             raise ConfigError(f"data.crop must be one of {', '.join(CROP_KINDS)}, got {self.crop!r}")
 
+    def __post_init__(self) -> None:
+        _check_resolution(self.resolution, "data.resolution")
+
 
 @dataclass
 class TestConfig:
@@ -60,6 +86,11 @@ class TestConfig:
     crf: bool = False              # dense CRF on by default where the method's spec uses it
     alpha: float = 3.0             # CRF unary = log_softmax(alpha * cosine scores)
     tile: bool = True              # fixed-size heads: cover other shapes by tiling
+
+    def __post_init__(self) -> None:
+        _check_resolution(self.resolution, "test.resolution")
+        if not self.alpha > 0:
+            raise ConfigError(f"test.alpha must be positive, got {self.alpha}")
 
 
 @dataclass
@@ -76,6 +107,16 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     test: TestConfig = field(default_factory=TestConfig)
     params: dict = field(default_factory=dict)   # method-specific, checked by the method's dataclass
+
+    def __post_init__(self) -> None:
+        if self.version != CONFIG_VERSION:
+            raise ConfigError(
+                f"config version {self.version!r} is not supported: this unsupseg writes and reads version "
+                f"{CONFIG_VERSION}; fit again or set version: {CONFIG_VERSION} after checking the file"
+            )
+        check_clusters(self.clusters)
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
 
 
 def _closest(key: str, options) -> str:

@@ -42,7 +42,7 @@ def run_demo(out: Path, method: str, clusters: int, overwrite: bool, log: Callab
     for photo in bundled_photos():
         if not (images / photo.name).exists():
             shutil.copyfile(photo, images / photo.name)
-    run_dir = out / "run"
+    run_dir = out / f"run-{method}"     # one run per method: a finished run of another is never reused
     from . import rundir
 
     if rundir.is_complete(run_dir) and not overwrite:

@@ -29,3 +29,8 @@ class RunDirError(UnsupsegError):
 
 class CheckpointError(UnsupsegError):
     """A published checkpoint file is malformed or carries content we refuse to load."""
+
+
+class OutputError(UnsupsegError):
+    """An output file or folder cannot be written there (a file where a folder is needed, read-only,
+    on top of an input, or holding somebody else's files)."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, rundir
-from ._io import atomic_write_text
+from ._io import atomic_write_text, check_writable_file
 from ._progress import console, track
 from .api import Segmenter, build_train_dataset, evaluate, load
 from .data import ImageFolder, build_dataset
@@ -61,6 +61,7 @@ def build_report(
         raise ConfigError(f"max_images must be >= 1, got {max_images}")
     if images is not None and dataset is not None:
         raise ConfigError("give either --images DIR or --dataset NAME --root DIR, not both")
+    check_writable_file(out, "report file")
     seg = run_dir if isinstance(run_dir, Segmenter) else load(run_dir)
     config = seg.config
 
@@ -72,7 +73,10 @@ def build_report(
             raise ConfigError(f"dataset {dataset!r} needs --root (the folder that holds it)")
         data, bench, source = build_dataset(dataset, str(root), split), (dataset, root, split), f"{dataset}/{split}"
     else:
-        data = build_train_dataset(config)
+        try:
+            data = build_train_dataset(config)
+        except DataError as err:
+            raise DataError(f"the run's training images cannot be read ({err}); pass --images DIR to show others") from None
         d = config.data
         if d.dataset and not d.crops and not d.images:
             bench, source = (d.dataset, d.root, d.split), f"training data {d.dataset}/{d.split}"

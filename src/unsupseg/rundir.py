@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from ._io import atomic_path, atomic_write_text
 from .config import CONFIG_VERSION, RunConfig, dump_yaml, from_dict, load_yaml, to_dict
-from .errors import ConfigError, RunDirError
+from .errors import ConfigError, OutputError, RunDirError
 
 CONFIG = "config.yaml"
 WEIGHTS = "weights.safetensors"
@@ -50,33 +50,83 @@ def is_complete(path: Path) -> bool:
     return (path / WEIGHTS).exists() and (path / META).exists()
 
 
+# What a fit or an import writes into a run directory. `--overwrite` deletes these (and their
+# temporary files) and nothing else; any other file in the folder is left as it is.
+OWN_FILES = (CONFIG, WEIGHTS, META, "backbone.safetensors")
+
+
+def is_run_dir(path: Path) -> bool:
+    """True when ``path`` holds a run of unsupseg: its config.yaml (the first file every fit writes)
+    is a run config, with the ``version`` and ``method`` keys no other file of that name is likely to have."""
+    try:
+        data = load_yaml(Path(path) / CONFIG)
+    except (ConfigError, OSError, UnicodeDecodeError):
+        return False
+    return {"version", "method", "backbone", "data", "params"} <= data.keys()
+
+
+def has_checkpoints(path: Path) -> bool:
+    folder = Path(path) / CHECKPOINTS
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def discard(path: Path) -> None:
+    """Delete the run's own files in ``path`` (see OWN_FILES, the checkpoints) and nothing else."""
+    path = Path(path)
+    for name in OWN_FILES:
+        (path / name).unlink(missing_ok=True)
+        for tmp in path.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+    shutil.rmtree(path / CHECKPOINTS, ignore_errors=True)
+
+
 def prepare(path: Path, config: RunConfig, overwrite: bool) -> bool:
     """Make ``path`` ready for a fit of ``config``; returns True when an interrupted fit resumes.
 
     A finished run is never replaced unless ``overwrite``; an unfinished one resumes only when its
-    config is the same.
+    config is the same, and is replaced when it stopped before its first checkpoint (nothing to lose).
+    A non-empty folder that is not a run directory is never touched, ``overwrite`` or not.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise RunDirError(f"run directory {path} exists and is not a folder")
-    if path.exists() and any(path.iterdir()):
+        raise RunDirError(f"run directory {path} exists and is not a folder; choose another --out")
+    if path.is_dir() and any(path.iterdir()):
+        if not is_run_dir(path):
+            raise RunDirError(
+                f"{path} is not empty and is not a run directory (no unsupseg {CONFIG}); --overwrite only "
+                "replaces run directories, so nothing was deleted: choose another --out"
+            )
         if overwrite:
-            shutil.rmtree(path)
+            discard(path)
         elif is_complete(path):
             raise RunDirError(f"{path} already holds a finished run; pass --overwrite to replace it or choose another --out")
-        elif (path / CONFIG).exists():
-            previous = load_yaml(path / CONFIG)
-            if previous != to_dict(config):
-                raise RunDirError(
-                    f"{path} holds an unfinished run with a different configuration; "
-                    "pass --overwrite to discard it or choose another --out"
-                )
+        elif load_yaml(path / CONFIG) == to_dict(config):
             return True
+        elif has_checkpoints(path):
+            raise RunDirError(
+                f"{path} holds an unfinished run with a different configuration; "
+                "pass --overwrite to discard it or choose another --out"
+            )
         else:
-            raise RunDirError(f"{path} is not empty and is not a run directory; choose another --out")
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path / CONFIG, dump_yaml(to_dict(config)))
+            # an earlier fit stopped before its first checkpoint: only its config is there
+            discard(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path / CONFIG, dump_yaml(to_dict(config)))
+    except OSError as err:
+        raise OutputError(f"cannot write the run directory {path}: {err.strerror or err}") from None
     return False
+
+
+def abandon(path: Path, created: bool) -> None:
+    """After a fit failed: remove what it wrote when no checkpoint is there to resume from, and the
+    folder itself when this fit created it and it is empty again."""
+    path = Path(path)
+    if not path.is_dir() or has_checkpoints(path) or is_complete(path):
+        return
+    discard(path)
+    if created and not any(path.iterdir()):
+        path.rmdir()
 
 
 def save(path: Path, config: RunConfig, state: dict[str, torch.Tensor], meta: dict) -> None:
@@ -104,6 +154,8 @@ def update_meta(path: Path, **fields) -> None:
 
 def load(path: str | Path) -> Run:
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{path} is a file, not a run directory (give the folder that holds {CONFIG} and {WEIGHTS})")
     if not path.is_dir():
         raise RunDirError(f"run directory {path} does not exist")
     for name in (CONFIG, WEIGHTS, META):

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import pickle
-import re
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +27,7 @@ import torch
 from torch import Tensor
 
 from unsupseg.backbones.base import BackboneSpec
+from unsupseg._io import torch_load_plain
 from unsupseg.errors import WeightsError
 
 WEIGHTS_DIR_ENV = "UNSUPSEG_WEIGHTS_DIR"
@@ -68,25 +67,9 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, Tensor]:
         except Exception as exc:  # safetensors raises its own SafetensorError and OSError
             raise WeightsError(f"cannot read safetensors file {path}: {exc}") from exc
     else:
-        try:
-            # DINO's full checkpoints store their training arguments as an argparse.Namespace, a plain
-            # attribute holder; everything else must be tensors and builtin containers.
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            refused = re.search(r"GLOBAL (\S+) was not an allowed global", str(exc))
-            if refused is None:
-                detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", str(exc), re.DOTALL)
-                reason = detail.group(1) if detail else str(exc).strip().splitlines()[0]
-                raise WeightsError(f"{path} is not a PyTorch weights file or is corrupt ({reason})") from exc
-            raise WeightsError(
-                f"refusing to load {path}: it contains a Python object ({refused.group(1)}) besides tensors, "
-                "and unsupseg never unpickles arbitrary objects. If you trust the file, save its state "
-                "dict alone, e.g. python -c \"import torch; c = torch.load('FILE', weights_only=False); "
-                "torch.save(c.get('state_dict', c), 'weights.pth')\", and pass that file instead"
-            ) from exc
-        except Exception as exc:  # zip / EOF / storage errors of torch.load
-            raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
+        # DINO's full checkpoints store their training arguments as an argparse.Namespace, a plain
+        # attribute holder; everything else must be tensors and builtin containers.
+        obj = torch_load_plain(path, WeightsError, allowed=(argparse.Namespace,))
     return unwrap_state_dict(obj, str(path))
 
 

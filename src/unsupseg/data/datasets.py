@@ -45,13 +45,14 @@ class ImageFolder(SegDataset):
 
     Ids are relative paths without extension (posix). Files and folders whose name starts with
     "." are ignored (editor/OS metadata). A file whose header cannot be read is skipped with a
-    ``DataWarning``, or raises ``DataError`` when ``strict``.
+    ``DataWarning``, or raises ``DataError`` when ``strict``. Files for which ``exclude(path)`` is
+    true are not part of the folder (segment leaves its own outputs out so).
     """
 
     eval_transform = ("short", "bilinear")
     train_transform = ("short_crop", "bilinear")
 
-    def __init__(self, root: str | os.PathLike, strict: bool = False):
+    def __init__(self, root: str | os.PathLike, strict: bool = False, exclude: Callable[[Path], bool] | None = None):
         root = Path(root)
         if root.is_file():
             if not is_image_file(root):
@@ -66,6 +67,8 @@ class ImageFolder(SegDataset):
             raise DataError(f"{root}: image folder not found")
         paths, failed = [], 0
         for path in _walk_images(root):
+            if exclude is not None and exclude(path):
+                continue
             try:
                 check_image_header(path)
             except DataError as exc:
@@ -427,8 +430,14 @@ def _load_mat(path: Path, key: str) -> np.ndarray:
 
 
 def _walk_images(root: Path) -> list[Path]:
-    found = []
-    for folder, dirnames, filenames in os.walk(root):
+    # symlinked subfolders are followed (each real folder once, so a link loop ends)
+    found, visited = [], set()
+    for folder, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:
+            dirnames[:] = []
+            continue
+        visited.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for filename in filenames:
             if not filename.startswith(".") and is_image_file(filename):

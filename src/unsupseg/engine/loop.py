@@ -17,7 +17,6 @@ optimizer step (a step never runs a forward after its optimizer step).
 
 from __future__ import annotations
 
-import pickle
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .._io import atomic_path
+from .._io import atomic_path, torch_load_plain
 from .._progress import make_progress
 from ..errors import RunDirError
 from .distributed import Dist
@@ -78,12 +77,12 @@ def _save(path: Path, stage: Stage, step: int, done: bool) -> None:
 
 
 def _load(path: Path, stage: Stage) -> tuple[int, bool]:
+    payload = torch_load_plain(path, RunDirError)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
         for name, obj in stage.state.items():
             obj.load_state_dict(payload["state"][name])
         torch.set_rng_state(payload["rng"])
-    except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:
+    except (RuntimeError, KeyError, TypeError) as err:
         raise RunDirError(
             f"training checkpoint {path} cannot be resumed ({err}); delete it to restart this stage"
         ) from None

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import rundir
+from .._io import torch_load_plain
 from ..backbones import build_backbone
 from ..config import BackboneConfig, DataConfig, RunConfig, TestConfig, from_dict, load_preset, to_dict
 from ..errors import CheckpointError, ConfigError
@@ -33,10 +34,7 @@ _CONV_SUFFIXES = ("f1.weight", "f2.0.weight", "f2.2.weight")
 def _load(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        raise CheckpointError(f"{path} is not a loadable weights-only PyTorch file ({type(err).__name__}: {err})") from None
+    data = torch_load_plain(path, CheckpointError)
     if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
         raise CheckpointError(f"{path} must hold a plain state dict of tensors (the published CAUSE layout)")
     return data

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import re
 import typing
 import zipfile
 from collections import defaultdict
@@ -30,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import rundir
-from .._io import atomic_path
+from .._io import atomic_path, torch_load_plain
 from ..backbones import build_backbone
 from ..config import RunConfig, from_dict, has_preset, load_preset, merge, to_dict
 from ..errors import CheckpointError, RunDirError, UnsupsegError
@@ -123,19 +122,12 @@ def read_lightning_checkpoint(path: str | Path) -> dict:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except (ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
             raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from None
-        if unsafe:
-            raise CheckpointError(
-                f"refusing to load {path}: it names Python object(s) outside the STEGO checkpoint format "
-                f"({', '.join(sorted(unsafe))}); unsupseg never unpickles arbitrary objects"
-            )
-        try:
-            content = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            found = re.search(r"GLOBAL (\S+)", str(err))
-            what = f" ({found.group(1)})" if found else ""
-            raise CheckpointError(f"refusing to load {path}: content outside the allowed format{what}: {err}") from None
-        except (RuntimeError, EOFError, ValueError) as err:
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {err}") from None
+    if unsafe:
+        raise CheckpointError(
+            f"refusing to load {path}: the file holds code or objects outside the STEGO checkpoint format "
+            f"({', '.join(sorted(unsafe))}); unsupseg never unpickles arbitrary objects, so it is refused"
+        )
+    content = torch_load_plain(path, CheckpointError, allowed=tuple(ALLOWED_GLOBALS))
     if not isinstance(content, dict):
         raise CheckpointError(f"{path} holds a {type(content).__name__}, not a Lightning checkpoint dict")
     return _plain(content)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..config import check_clusters
+from ..errors import ConfigError
 from ..features.clustering import gather_tokens, spherical_kmeans
 from .base import FitContext, FitPlan, Predictor, PredictorInfo, cosine_scores
 
@@ -23,11 +25,24 @@ class Params:
     max_samples: int = 200_000     # tokens drawn from the training features to fit on
     tolerance: float = 1e-6        # stop when the mean cosine objective improves less than this
 
+    def __post_init__(self) -> None:
+        for name in ("restarts", "max_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"params.{name} must be at least 1, got {getattr(self, name)}")
+        if self.iterations < 0:   # 0: the k-means++ seeds alone (CAUSE seeds its centroids so)
+            raise ConfigError(f"params.iterations must be >= 0, got {self.iterations}")
+        if self.tolerance < 0:
+            raise ConfigError(f"params.tolerance must be >= 0, got {self.tolerance}")
+
 
 def fit(ctx: FitContext) -> dict[str, torch.Tensor]:
     params: Params = ctx.params
     store = ctx.features()
     tokens = gather_tokens(store, params.max_samples, ctx.generator(1))
+    if ctx.config.clusters > len(tokens) == params.max_samples:
+        raise ConfigError(f"clusters={ctx.config.clusters} is more than params.max_samples={params.max_samples}, "
+                          "the tokens k-means is fitted on; raise params.max_samples or lower --clusters")
+    check_clusters(ctx.config.clusters, tokens=len(tokens))
     ctx.log(f"k-means: {len(tokens)} tokens of dim {tokens.shape[1]}, K = {ctx.config.clusters}")
     centroids = spherical_kmeans(tokens, ctx.config.clusters, ctx.generator(2), restarts=params.restarts,
                                  iterations=params.iterations, tolerance=params.tolerance)

@@ -101,6 +101,11 @@ def check_params(p: FinetuneParams, patch: int) -> None:
     for name in ("num_prototypes", "projection_dim", "hidden_dim", "roi_size", "sinkhorn_iterations", "workers", "checkpoint_every"):
         if getattr(p, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(p, name)}")
+    for name in ("lr_backbone", "lr_head", "weight_decay_start", "weight_decay_end"):
+        if getattr(p, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(p, name)}")
+    if not 0 <= p.momentum_start <= 1 or not 0 <= p.drop_path < 1:
+        raise ConfigError(f"momentum_start must be in [0, 1] and drop_path in [0, 1), got {p.momentum_start}, {p.drop_path}")
     if p.queue_length < 0 or not 0 < p.mask_mass <= 1:
         raise ConfigError(f"queue_length must be >= 0 and mask_mass in (0, 1], got {p.queue_length}, {p.mask_mass}")
 
@@ -513,20 +518,41 @@ class Trainer:
         return {"loss": float(self.dist.all_reduce_mean(loss.detach())), "images": bs * self.dist.world_size}
 
 
+def _is_finetune_dir(out: Path) -> bool:
+    """A folder written by ``finetune``: its finetune.yaml names a backbone and the fine-tuning params."""
+    try:
+        data = load_yaml(out / CONFIG)
+    except (ConfigError, OSError, UnicodeDecodeError):
+        return False
+    return {"backbone", "params", "total_steps"} <= data.keys()
+
+
+def _discard(out: Path) -> None:
+    """Delete what a fine-tuning wrote into ``out`` (its settings, checkpoints, weights) and nothing else."""
+    previous = load_yaml(out / CONFIG).get("backbone")
+    own = [CONFIG] + ([f"{previous}-leopart.safetensors"] if isinstance(previous, str) and "/" not in previous else [])
+    for name in own:
+        (out / name).unlink(missing_ok=True)
+        for tmp in out.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+    shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+
+
 def _prepare_out(out: Path, settings: dict, overwrite: bool, weights_file: Path) -> None:
     if out.exists() and not out.is_dir():
         raise RunDirError(f"{out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
+        if not _is_finetune_dir(out):
+            raise RunDirError(f"{out} is not empty and is not a fine-tuning folder (no {CONFIG}); overwrite only "
+                              "replaces fine-tuning folders, so nothing was deleted: choose another --out")
         if overwrite:
-            shutil.rmtree(out)
+            _discard(out)
         elif weights_file.exists():
             raise RunDirError(f"{out} already holds a finished fine-tuning ({weights_file.name}); pass overwrite / --overwrite or choose another --out")
-        elif (out / CONFIG).exists():
-            if load_yaml(out / CONFIG) != settings:
-                raise RunDirError(f"{out} holds an unfinished fine-tuning with other settings; pass overwrite / --overwrite or choose another --out")
-            return
+        elif load_yaml(out / CONFIG) != settings:
+            raise RunDirError(f"{out} holds an unfinished fine-tuning with other settings; pass overwrite / --overwrite or choose another --out")
         else:
-            raise RunDirError(f"{out} is not empty and is not a fine-tuning folder; choose another --out")
+            return
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / CONFIG, dump_yaml(settings))
 

@@ -41,6 +41,9 @@ from .base import FitContext, FitPlan, Predictor, PredictorInfo, StagePlan, cosi
 LINEAR_PROBE = ("linear_probe.weight", "linear_probe.bias")   # on the code, see LinearProbe
 
 
+MIN_CLUSTERS = 2   # one cluster segments nothing; the cluster probe's loss needs a choice
+
+
 @dataclass
 class Params:
     # Names of the reference config in brackets. Defaults: the active block of its train_config.yml.
@@ -71,6 +74,25 @@ class Params:
     linear_probe: bool = True           # train the evaluation-only linear probe when labels exist
     crop: int | None = None             # train on random crop x crop windows of the feature maps
     checkpoint_every: int = 400
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "steps", "feature_samples", "neg_samples", "knn_k", "knn_pool", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"params.{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ConfigError(f"params.batch_size must be at least 2 (the random-partner term pairs images), got {self.batch_size}")
+        if self.crop is not None and self.crop < 1:
+            raise ConfigError(f"params.crop must be at least 1 or null, got {self.crop}")
+        for name in ("lr", "linear_lr", "cluster_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"params.{name} must be positive, got {getattr(self, name)}")
+        for name in ("correspondence_weight", "rec_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"params.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"params.dropout must be in [0, 1), got {self.dropout}")
+        if self.projection not in ("linear", "nonlinear"):
+            raise ConfigError(f"params.projection must be 'linear' or 'nonlinear', got {self.projection!r}")
 
 
 # ----------------------------------------------------------------------------- pure functions
@@ -314,9 +336,16 @@ def _check(params: Params, n_images: int, shapes, world: int, pool: int) -> None
     if params.batch_size < 2 * world:
         raise ConfigError(f"params.batch_size={params.batch_size} must give every process at least 2 images")
     if n_images < params.batch_size:
-        raise ConfigError(f"STEGO needs at least params.batch_size={params.batch_size} training images, got {n_images}")
+        raise ConfigError(
+            f"STEGO needs at least params.batch_size={params.batch_size} training images, got {n_images}: "
+            f"for a small collection pass --set params.batch_size={max(n_images, 2)}"
+            + (f" --set params.knn_k={max(n_images - 1, 1)}" if params.knn_k >= n_images else "")
+        )
     if not 1 <= params.knn_k < pool:
-        raise ConfigError(f"params.knn_k={params.knn_k} must be between 1 and {pool - 1} (neighbours stored per image)")
+        raise ConfigError(
+            f"params.knn_k={params.knn_k} must be between 1 and {pool - 1} (neighbours stored per image: "
+            f"the {pool - 1} other images at most); pass --set params.knn_k={max(pool - 1, 1)} or fewer"
+        )
     if params.crop is None:
         if len(set(shapes)) > 1:
             raise ConfigError(

@@ -9,7 +9,9 @@ from .params import Params
 from .predictor import build_predictor
 from .trainer import fit, plan
 
+MIN_CLUSTERS = 2   # Step 3's centroids are drawn in (-1/K, 1/K), and one cluster segments nothing
+
 # the supervised monitoring probe on the teacher head's output (scored by `evaluate --probe linear`)
 LINEAR_PROBE = ("linear.weight", "linear.bias")
 
-__all__ = ["LINEAR_PROBE", "Params", "build_predictor", "fit", "plan"]
+__all__ = ["LINEAR_PROBE", "MIN_CLUSTERS", "Params", "build_predictor", "fit", "plan"]

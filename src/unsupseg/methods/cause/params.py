@@ -69,6 +69,12 @@ class Params:
             raise ConfigError(f"params.cluster_init must be 'uniform' or 'kmeans++', got {self.cluster_init!r}")
         if self.cluster_loss not in ("modularity", "cosine"):
             raise ConfigError(f"params.cluster_loss must be 'modularity' or 'cosine', got {self.cluster_loss!r}")
+        for name in ("lr", "temperature", "modularity_temperature", "cluster_lr_gamma"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"params.{name} must be positive, got {getattr(self, name)!r}")
+        if self.weight_decay < 0 or not 0 <= self.dropout < 1 or not 0 <= self.ema_decay <= 1:
+            raise ConfigError(f"params.weight_decay must be >= 0, params.dropout in [0, 1) and params.ema_decay in [0, 1], "
+                              f"got {self.weight_decay!r}, {self.dropout!r}, {self.ema_decay!r}")
         if not self.feature_scale > 0:
             raise ConfigError(f"params.feature_scale must be positive, got {self.feature_scale!r}")
         if not 0 < self.bank_keep <= 1:

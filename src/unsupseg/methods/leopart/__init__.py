@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...config import check_clusters
 from ...data import Preprocess, build_dataset
 from ...errors import ConfigError, DataError
 from ...features.cache import default_cache_dir, open_or_build
@@ -72,6 +73,9 @@ FOREGROUNDS = ("cbfe", "all")
 SALIENCIES = ("auto", "attention", "distinctiveness", "precomputed")
 PROTOCOLS = ("label-free", "reference")
 COMMUNITIES = ("auto", "infomap", "louvain")
+
+
+MIN_CLUSTERS = 2   # the merge step joins over-clusters into at least two groups
 
 
 @dataclass
@@ -99,8 +103,11 @@ class Params:
     eval_split: str = "val"              # protocol reference: the split clustered with the training data
     runs: int = 10                       # protocol reference: Infomap seeds 1..runs, scores averaged
 
+    def __post_init__(self) -> None:
+        _check(self)
 
-def _check(p: Params, clusters: int) -> None:
+
+def _check(p: Params) -> None:
     for name in ("pca_dim", "k_fg", "k_cd", "map_size", "trials", "kmeans_iterations", "kmeans_restarts", "points_per_centroid",
                  "runs"):
         if getattr(p, name) < 1:
@@ -117,8 +124,6 @@ def _check(p: Params, clusters: int) -> None:
         raise ConfigError("params.reference_threshold and params.cbfe_threshold exclude each other; set one")
     if p.markov_time <= 0 or p.louvain_resolution <= 0 or p.weight_threshold < 0:
         raise ConfigError("params.markov_time and params.louvain_resolution must be > 0, params.weight_threshold >= 0")
-    if clusters < 2:
-        raise ConfigError(f"Leopart needs clusters >= 2, got {clusters}")
     if p.saliency == "precomputed" and not p.saliency_dir:
         raise ConfigError("params.saliency=precomputed needs params.saliency_dir (the folder of attn_dino_{split}.pt)")
 
@@ -244,8 +249,7 @@ def plan(params: Params, method: str, clusters: int, n_items: int, dim: int, tok
 
 def fit(ctx: FitContext) -> dict[str, Tensor]:
     p: Params = ctx.params
-    clusters = ctx.config.clusters
-    _check(p, clusters)
+    clusters = check_clusters(ctx.config.clusters, MIN_CLUSTERS)
     backend = community_backend(p.community)
     if p.protocol == "reference":
         return _fit_reference(ctx, p, clusters, backend)
