@@ -71,11 +71,9 @@ class DataConfig:
     workers: int | None = None     # decode/resize processes; None: from the CPU count
 
     def __post_init__(self) -> None:
+        _check_resolution(self.resolution, "data.resolution")
         if self.crop not in CROP_KINDS:
             raise ConfigError(f"data.crop must be one of {', '.join(CROP_KINDS)}, got {self.crop!r}")
-
-    def __post_init__(self) -> None:
-        _check_resolution(self.resolution, "data.resolution")
 
 
 @dataclass
