@@ -82,7 +82,39 @@ def resolve_config(
     # the method's own dataclass checks the params section (unknown keys name the closest one)
     params = from_dict(get_method(method).Params, config.params, "params")
     config.params = to_dict(params)
+    _check_auto_clusters(config)
     return config
+
+
+AUTO = "auto"
+
+
+def _check_auto_clusters(config: RunConfig) -> None:
+    """The "auto" side of ``clusters`` (a string must be "auto") and ``clusters_range``."""
+    if isinstance(config.clusters, str) and config.clusters != AUTO:
+        raise ConfigError(f"clusters must be a number or 'auto', got {config.clusters!r}")
+    r = config.clusters_range
+    if len(r) != 2 or not 1 <= r[0] <= r[1]:
+        raise ConfigError(f"clusters_range must be two integers LOW,HIGH with 1 <= LOW <= HIGH, got {r}")
+
+
+def choose_clusters(config: RunConfig, store, log: Callable[[str], None]):
+    """Estimate the number of categories of the training features (``clusters: auto``); see
+    ``unsupseg.features.cluster_count``. Returns the ClusterCount (chosen K and the curve)."""
+    from .features.cluster_count import estimate_clusters
+
+    low, high = config.clusters_range
+    prototypes = max(100, high + 1)   # the partitions searched are unions of prototypes
+    tic = time.perf_counter()
+    try:
+        # its own random stream (seed * 1000 + 900), apart from the methods' FitContext.generator offsets
+        result = estimate_clusters(store, (low, high), torch.Generator().manual_seed(config.seed * 1000 + 900),
+                                   prototypes=prototypes)
+    except ValueError as err:
+        raise ConfigError(f"clusters auto: {err}") from None
+    log(f"clusters auto: K = {result.chosen} (modularity {max(result.scores):.3f}, searched {low}..{high}, "
+        f"{result.images} images, {result.tokens} tokens, {time.perf_counter() - tic:.1f} s)")
+    return result
 
 
 def _method_params(config: RunConfig):
@@ -120,7 +152,7 @@ def fit(
     dataset: str | None = None,
     root: str | os.PathLike | None = None,
     split: str | None = None,
-    clusters: int | None = None,
+    clusters: int | str | None = None,
     preset: str | None = None,
     config_file: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
@@ -129,6 +161,8 @@ def fit(
 ) -> "Segmenter":
     """Fit ``method`` and write a run directory at ``out``; returns its Segmenter.
 
+    ``clusters="auto"`` estimates K from the training features first (``choose_clusters``); the run's
+    config.yaml then holds the chosen K and meta.json the criterion's curve (``clusters_auto``).
     An interrupted fit with the same configuration resumes from its last checkpoint.
     """
     log = log or (lambda msg: console.print(msg))
@@ -170,6 +204,11 @@ def fit(
         )
         return store
 
+    auto = None
+    if config.clusters == AUTO:
+        # config.yaml keeps "auto" until the fit ends, so that an interrupted fit resumes
+        auto = choose_clusters(config, features(), log)
+        config.clusters = auto.chosen
     module = get_method(config.method)
     ctx = FitContext(
         config=config,
@@ -196,6 +235,7 @@ def fit(
                 "train_data": {"name": getattr(train_data, "name", None), "images": len(train_data),
                                "fingerprint": train_data.fingerprint()},
                 "fit_seconds": round(elapsed, 1),
+                **({"clusters_auto": auto.to_dict()} if auto is not None else {}),
             },
         )
         log(f"fit finished in {elapsed:.1f} s; run written to {out}")

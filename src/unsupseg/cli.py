@@ -49,6 +49,11 @@ def print_scores(report: dict, title: str) -> None:
     )
 
 
+def _clusters(text: str | None) -> int | str | None:
+    """--clusters: digits are a number; anything else goes to the config check as text ("auto")."""
+    return int(text) if text is not None and text.strip().isdigit() else text
+
+
 @app.command()
 def fit(
     run_dir: Path = typer.Option(..., "--out", help="Run directory to write (resumes an interrupted fit)."),
@@ -59,7 +64,8 @@ def fit(
     dataset: Optional[str] = typer.Option(None, help="Benchmark dataset name (camvid, cocostuff27, ...)."),
     root: Optional[Path] = typer.Option(None, help="Folder holding the dataset."),
     split: Optional[str] = typer.Option(None, help="Split to train on (default train)."),
-    clusters: Optional[int] = typer.Option(None, help="Number of clusters (classes to discover)."),
+    clusters: Optional[str] = typer.Option(None, help="Number of clusters (classes to discover), or 'auto' to "
+                                           "estimate it from the training features (range: --set clusters_range=2,40)."),
     preset: Optional[str] = typer.Option(None, help="Preset name or YAML file (default: the dataset's)."),
     config: Optional[Path] = typer.Option(None, help="A YAML run config to start from."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: --set params.lr=0.001"),
@@ -70,7 +76,7 @@ def fit(
 
     api_fit(
         method, out=run_dir, backbone=backbone, backbone_weights=backbone_weights, images=images,
-        dataset=dataset, root=root, split=split, clusters=clusters, preset=preset, config_file=config,
+        dataset=dataset, root=root, split=split, clusters=_clusters(clusters), preset=preset, config_file=config,
         overrides=set_, overwrite=overwrite, log=out.print,
     )
 

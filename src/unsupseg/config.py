@@ -57,7 +57,8 @@ class RunConfig:
     version: int = CONFIG_VERSION
     method: str = "kmeans"
     seed: int = 0
-    clusters: int = 27
+    clusters: int | str = 27       # a number, or "auto": estimated from the training features
+    clusters_range: list[int] = field(default_factory=lambda: [2, 40])   # K searched by "auto" (inclusive)
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     batch_size: int = 8            # images per backbone forward
     cache_dir: str | None = None
@@ -90,6 +91,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if dataclasses.is_dataclass(annotation):
         return from_dict(annotation, value, where)
     if origin in (list, tuple):
+        if isinstance(value, str) and "," in value:   # --set key=2,40 reads as a list
+            value = [parse_value(v.strip()) for v in value.split(",")]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item_type, *_) = typing.get_args(annotation) or (Any,)
