@@ -35,7 +35,7 @@ from .data import CroppedDataset, ImageFolder, Preprocess, build_dataset, load_i
 from .data.images import DEFAULT_MAX_PIXELS
 from .engine import init_distributed
 from .errors import ConfigError, DataError
-from .evaluation.metrics import ConfusionMatrix, score
+from .evaluation.metrics import PROTOCOLS, ConfusionMatrix, PerImageHungarian, score
 from .evaluation.visualize import overlay
 from .features.extract import extract_features
 from .methods import get_method
@@ -386,6 +386,23 @@ def load(run_dir: str | os.PathLike, device: str | None = None) -> Segmenter:
 # ----------------------------------------------------------------------------- evaluate
 
 
+def _protocols(matching: str | Sequence[str] | None, num_clusters: int, num_classes: int) -> list[str]:
+    """The evaluation protocols asked for, in order, without repeats ("all": every one; "hungarian":
+    the dataset-wide one). Default: dataset-wide Hungarian, many-to-one when K > C as before."""
+    if matching is None or matching == [] or matching == ():
+        return ["dataset" if num_clusters <= num_classes else "many-to-one"]
+    asked = [matching] if isinstance(matching, str) else list(matching)
+    out: list[str] = []
+    for name in asked:
+        names = list(PROTOCOLS) if name == "all" else ["dataset" if name == "hungarian" else name]
+        for n in names:
+            if n not in PROTOCOLS:
+                raise ConfigError(f"unknown matching {name!r}; choose from {', '.join(PROTOCOLS)} or all")
+            if n not in out:
+                out.append(n)
+    return out
+
+
 def evaluate(
     run: str | os.PathLike | Segmenter,
     *,
@@ -394,10 +411,18 @@ def evaluate(
     split: str = "val",
     crf: bool | None = None,
     flip: bool | None = None,
-    matching: str | None = None,
+    matching: str | Sequence[str] | None = None,
     json_path: str | os.PathLike | None = None,
 ) -> dict:
-    """Score a run on a labelled split (confusion over the whole split, then matching)."""
+    """Score a run on a labelled split under one or more protocols (``matching``: "dataset",
+    "per-image", "many-to-one", a list of them or "all"; see ``evaluation.metrics``), all from one
+    pass over the split.
+
+    The top-level pixel_accuracy / miou / per_class_iou are those of the first protocol
+    (``matching`` names it); ``protocols`` holds every one. ``mapping`` (cluster -> class, for the
+    report's colours) is that of the first dataset-level protocol, else of the dataset-wide
+    Hungarian matching.
+    """
     seg = run if isinstance(run, Segmenter) else load(run)
     config = seg.config
     crf = config.test.crf if crf is None else crf
@@ -405,21 +430,32 @@ def evaluate(
     data = build_dataset(dataset, str(root), split)
     if data.num_classes is None:
         raise ConfigError(f"dataset {dataset!r} split {split!r} has no labels to evaluate against")
+    protocols = _protocols(matching, seg.num_clusters, data.num_classes)
     prep = data.eval_preprocess(seg.resolution, multiple=seg.backbone.stride)
     kwargs = dict(cache_dir=config.cache_dir, batch_size=config.batch_size, strict=True)
     store = extract_features(seg.backbone, data, prep, description=f"{split} features", **kwargs)
     flipped = extract_features(seg.backbone, data, prep, flip=True, description=f"{split} flipped", **kwargs) if flip else None
-    matching = matching or ("hungarian" if seg.num_clusters <= data.num_classes else "many-to-one")
     confusion = ConfusionMatrix(seg.num_clusters, data.num_classes)
+    per_image = PerImageHungarian(data.num_classes)
     for i in track(range(len(store)), len(store), f"evaluating {dataset}/{split}"):
         label = store.label(i)
         scores = seg.scores(store.batch([i]), flipped.batch([i]) if flipped is not None else None, tuple(label.shape))
         image = prep.apply(data[i].image)[0][None] if crf else None
         probs = seg._finish(scores, image, crf)
-        confusion.update(probs.argmax(1)[0], label)
-    result = score(confusion, matching)
+        per_image.add(confusion.update(probs.argmax(1)[0], label))
+    results = {
+        name: per_image.scores() if name == "per-image"
+        else score(confusion, "hungarian" if name == "dataset" else "many-to-one")
+        for name in protocols
+    }
+    colours = next((results[n] for n in protocols if n != "per-image"), None) or score(confusion, "hungarian")
+    first = results[protocols[0]].to_dict(data.classes)
     report = {
-        **result.to_dict(data.classes),
+        **first,
+        "matching": protocols[0],
+        "mapping": colours.mapping,
+        "protocols": {name: {k: v for k, v in r.to_dict(data.classes).items() if k not in ("matching", "mapping")}
+                      for name, r in results.items()},
         "n_images": len(store),
         "dataset": dataset,
         "split": split,
@@ -433,7 +469,8 @@ def evaluate(
         atomic_write_text(json_path, json.dumps(report, indent=2))
     if seg.path is not None:
         rundir.update_meta(seg.path, **{f"metrics_{dataset}_{split}{'_crf' if crf else ''}": {
-            "pixel_accuracy": report["pixel_accuracy"], "miou": report["miou"]}})
+            "pixel_accuracy": report["pixel_accuracy"], "miou": report["miou"], "matching": protocols[0],
+            "protocols": {name: {k: p[k] for k in ("pixel_accuracy", "miou")} for name, p in report["protocols"].items()}}})
     return report
 
 

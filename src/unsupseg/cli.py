@@ -47,6 +47,13 @@ def print_scores(report: dict, title: str) -> None:
         f"{report['n_images']} images, {report['num_clusters']} clusters, matching {report['matching']}, "
         f"flip {'on' if report['flip'] else 'off'}, CRF {'on' if report['crf'] else 'off'}"
     )
+    if len(report.get("protocols", {})) > 1:
+        table = Table(title="protocols")
+        for col in ("matching", "mIoU %", "pixel accuracy %"):
+            table.add_column(col)
+        for name, r in report["protocols"].items():
+            table.add_row(name, f"{r['miou']:.1f}", f"{r['pixel_accuracy']:.1f}")
+        out.print(table)
 
 
 def _clusters(text: str | None) -> int | str | None:
@@ -107,11 +114,14 @@ def evaluate(
     crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="Dense CRF refinement (default: the run's)."),
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Flip averaging (default: the run's)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the scores as JSON here."),
+    matching: list[str] = typer.Option([], help="Protocol: dataset (one Hungarian matching over the split, the "
+                                       "default), per-image (a Hungarian matching per image, as DiffCut), "
+                                       "many-to-one, or all (repeatable; one pass scores them all)."),
     overcluster: list[int] = typer.Option([], help="Over-clustering protocol instead: k-means with K clusters "
                                            "on the split's backbone features, many-to-one matching (repeatable)."),
     seeds: int = typer.Option(5, help="Over-clustering: number of k-means seeds averaged."),
 ) -> None:
-    """Score a run on a labelled split (Hungarian matching), or over-cluster its features."""
+    """Score a run on a labelled split (Hungarian matching over the split, or --matching), or over-cluster its features."""
     if overcluster:
         from .api import evaluate_overcluster
 
@@ -127,7 +137,8 @@ def evaluate(
         return
     from .api import evaluate as api_evaluate
 
-    report = api_evaluate(run_dir, dataset=dataset, root=root, split=split, crf=crf, flip=flip, json_path=json_path)
+    report = api_evaluate(run_dir, dataset=dataset, root=root, split=split, crf=crf, flip=flip,
+                          matching=matching or None, json_path=json_path)
     print_scores(report, f"{run_dir} on {dataset}/{split}")
 
 
