@@ -448,12 +448,14 @@ def evaluate(
         else score(confusion, "hungarian" if name == "dataset" else "many-to-one")
         for name in protocols
     }
-    colours = next((results[n] for n in protocols if n != "per-image"), None) or score(confusion, "hungarian")
+    mapping_from = next((n for n in protocols if n != "per-image"), "dataset")
+    colours = results.get(mapping_from) or score(confusion, "hungarian")
     first = results[protocols[0]].to_dict(data.classes)
     report = {
         **first,
         "matching": protocols[0],
         "mapping": colours.mapping,
+        "mapping_from": mapping_from,
         "protocols": {name: {k: v for k, v in r.to_dict(data.classes).items() if k not in ("matching", "mapping")}
                       for name, r in results.items()},
         "n_images": len(store),

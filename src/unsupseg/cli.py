@@ -152,12 +152,14 @@ def report(
     split: str = typer.Option("val", help="Split of the labelled dataset."),
     max_images: int = typer.Option(24, help="Images shown as overlays."),
     crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="Dense CRF refinement (default: the run's)."),
+    matching: list[str] = typer.Option([], help="Protocols scored in the metrics section: dataset, per-image, "
+                                       "many-to-one or all (repeatable; default dataset)."),
 ) -> None:
     """Write a self-contained HTML report: overlays, cluster gallery, metrics where labels exist."""
     from .reporting import build_report
 
     path = build_report(run_dir, out_file, images=images, dataset=dataset, root=root, split=split,
-                        max_images=max_images, crf=crf, log=out.print)
+                        max_images=max_images, crf=crf, matching=matching or None, log=out.print)
     out.print(f"report written to {path}")
 
 
