@@ -283,13 +283,14 @@ def doctor() -> None:
 def demo(
     out_dir: Path = typer.Option(Path("outputs/demo"), "--out", help="Folder for photos, run, masks and overlays."),
     method: str = typer.Option("cause-mlp", help="Method to fit (its 'demo' preset when it has one)."),
-    clusters: int = typer.Option(5, help="Number of clusters to discover."),
+    clusters: str = typer.Option("5", help="Number of clusters to discover, or 'auto' (on these six photos it "
+                                 "chooses about 20: see docs/clusters.md)."),
     overwrite: bool = typer.Option(False, help="Fit again even if a finished run is there."),
 ) -> None:
     """The main job on the embedded default: fit, segment and summarise scikit-image's photos."""
     from .demo import run_demo
 
-    table = run_demo(out_dir, method, clusters, overwrite, out.print)
+    table = run_demo(out_dir, method, _clusters(clusters), overwrite, out.print)
     out.print(table)
     out.print(f"masks and overlays in {out_dir / 'masks'}, report in {out_dir / 'report.html'}")
 
