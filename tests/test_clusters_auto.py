@@ -30,7 +30,7 @@ def test_fit_with_auto_clusters_records_k_and_curve(tmp_path):
 def test_auto_and_range_are_checked():
     assert _clusters("11") == 11 and _clusters("auto") == "auto" and _clusters(None) is None
     assert resolve_config("kmeans", clusters="auto").clusters == "auto"
-    with pytest.raises(ConfigError, match="clusters must be a number or 'auto', got 'many'"):
+    with pytest.raises(ConfigError, match="clusters: expected an integer, got 'many'; clusters: expected 'auto'"):
         resolve_config("kmeans", clusters="many")
     with pytest.raises(ConfigError, match="clusters_range must be two integers"):
         resolve_config("kmeans", overrides=["clusters_range=9,3"])

@@ -90,9 +90,7 @@ AUTO = "auto"
 
 
 def _check_auto_clusters(config: RunConfig) -> None:
-    """The "auto" side of ``clusters`` (a string must be "auto") and ``clusters_range``."""
-    if isinstance(config.clusters, str) and config.clusters != AUTO:
-        raise ConfigError(f"clusters must be a number or 'auto', got {config.clusters!r}")
+    """``clusters_range``, the search range of ``clusters: auto`` (the config type admits no other text)."""
     r = config.clusters_range
     if len(r) != 2 or not 1 <= r[0] <= r[1]:
         raise ConfigError(f"clusters_range must be two integers LOW,HIGH with 1 <= LOW <= HIGH, got {r}")

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -57,7 +57,7 @@ class RunConfig:
     version: int = CONFIG_VERSION
     method: str = "kmeans"
     seed: int = 0
-    clusters: int | str = 27       # a number, or "auto": estimated from the training features
+    clusters: int | Literal["auto"] = 27   # a number, or "auto": estimated from the training features
     clusters_range: list[int] = field(default_factory=lambda: [2, 40])   # K searched by "auto" (inclusive)
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     batch_size: int = 8            # images per backbone forward
@@ -87,7 +87,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+        raise ConfigError("; ".join(errors) if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(annotation):
+            return value
+        raise ConfigError(f"{where}: expected {' or '.join(map(repr, typing.get_args(annotation)))}, got {value!r}")
     if dataclasses.is_dataclass(annotation):
         return from_dict(annotation, value, where)
     if origin in (list, tuple):
