@@ -37,7 +37,7 @@ from .data import CroppedDataset, CropView, ImageFolder, Preprocess, build_datas
 from .data.images import DEFAULT_MAX_PIXELS, DataWarning, to_rgb
 from .engine import autocast, init_distributed, resolve_precision
 from .errors import ConfigError, DataError, OutputError, RunDirError
-from .evaluation.metrics import ConfusionMatrix, leopart_score, score
+from .evaluation.metrics import PROTOCOLS, ConfusionMatrix, PerImageHungarian, leopart_score, score
 from .evaluation.visualize import overlay
 from .features.extract import extract_features
 from .features.source import open_features
@@ -91,6 +91,7 @@ def resolve_config(
     # the method's own dataclass checks the params section (unknown keys name the closest one)
     params = from_dict(get_method(method).Params, config.params, "params")
     config.params = to_dict(params)
+    _check_auto_clusters(config)
     return config
 
 
@@ -116,6 +117,35 @@ def _check_cache_dir(config: RunConfig) -> None:
 
     where = "feature cache folder" + ("" if config.cache_dir else " (UNSUPSEG_CACHE_DIR or ~/.cache/unsupseg/features)")
     check_writable_dir(config.cache_dir or default_cache_dir(), where)
+
+
+AUTO = "auto"
+
+
+def _check_auto_clusters(config: RunConfig) -> None:
+    """``clusters_range``, the search range of ``clusters: auto`` (the config type admits no other text)."""
+    r = config.clusters_range
+    if len(r) != 2 or not 1 <= r[0] <= r[1]:
+        raise ConfigError(f"clusters_range must be two integers LOW,HIGH with 1 <= LOW <= HIGH, got {r}")
+
+
+def choose_clusters(config: RunConfig, store, log: Callable[[str], None]):
+    """Estimate the number of categories of the training features (``clusters: auto``); see
+    ``unsupseg.features.cluster_count``. Returns the ClusterCount (chosen K and the curve)."""
+    from .features.cluster_count import estimate_clusters
+
+    low, high = config.clusters_range
+    prototypes = max(100, high + 1)   # the partitions searched are unions of prototypes
+    tic = time.perf_counter()
+    try:
+        # its own random stream (seed * 1000 + 900), apart from the methods' FitContext.generator offsets
+        result = estimate_clusters(store, (low, high), torch.Generator().manual_seed(config.seed * 1000 + 900),
+                                   prototypes=prototypes)
+    except ValueError as err:
+        raise ConfigError(f"clusters auto: {err}") from None
+    log(f"clusters auto: K = {result.chosen} (modularity {max(result.scores):.3f}, searched {low}..{high}, "
+        f"{result.images} images, {result.tokens} tokens, {time.perf_counter() - tic:.1f} s)")
+    return result
 
 
 def _method_params(config: RunConfig):
@@ -194,7 +224,7 @@ def fit(
     dataset: str | None = None,
     root: str | os.PathLike | None = None,
     split: str | None = None,
-    clusters: int | None = None,
+    clusters: int | str | None = None,
     preset: str | None = None,
     config_file: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
@@ -203,7 +233,9 @@ def fit(
 ) -> "Segmenter":
     """Fit ``method`` and write a run directory at ``out``; returns its Segmenter.
 
-    ``method`` None: the config file's method, else kmeans. An interrupted fit with the same
+    ``method`` None: the config file's method, else kmeans. ``clusters="auto"`` estimates K from the
+    training features first (``choose_clusters``); the run's config.yaml then holds the chosen K and
+    meta.json the criterion's curve (``clusters_auto``). An interrupted fit with the same
     configuration resumes from its last checkpoint; a fit that fails before its first checkpoint
     leaves nothing behind.
     """
@@ -249,6 +281,11 @@ def _fit(config: RunConfig, out: Path, dist, log: Callable[[str], None]) -> "Seg
         check_clusters(config.clusters, tokens=sum(shape[1] * shape[2] for shape in source.shapes))
         return source
 
+    auto = None
+    if config.clusters == AUTO:
+        # config.yaml keeps "auto" until the fit ends, so that an interrupted fit resumes
+        auto = choose_clusters(config, features(), log)
+        config.clusters = auto.chosen
     module = get_method(config.method)
     ctx = FitContext(
         config=config,
@@ -275,6 +312,7 @@ def _fit(config: RunConfig, out: Path, dist, log: Callable[[str], None]) -> "Seg
                 "train_data": {"name": getattr(train_data, "name", None), "images": len(train_data),
                                "fingerprint": train_data.fingerprint()},
                 "fit_seconds": round(elapsed, 1),
+                **({"clusters_auto": auto.to_dict()} if auto is not None else {}),
             },
         )
         log(f"fit finished in {elapsed:.1f} s; run written to {out}")
@@ -618,6 +656,23 @@ def linear_probe_segmenter(seg: Segmenter, state: dict[str, torch.Tensor] | None
     return Segmenter(probe_config, seg.backbone, probe, seg.device, seg.path)
 
 
+def _protocols(matching: str | Sequence[str] | None, num_clusters: int, num_classes: int) -> list[str]:
+    """The evaluation protocols asked for, in order, without repeats ("all": every one; "hungarian":
+    the dataset-wide one). Default: dataset-wide Hungarian, many-to-one when K > C as before."""
+    if matching is None or matching == [] or matching == ():
+        return ["dataset" if num_clusters <= num_classes else "many-to-one"]
+    asked = [matching] if isinstance(matching, str) else list(matching)
+    out: list[str] = []
+    for name in asked:
+        names = list(PROTOCOLS) if name == "all" else ["dataset" if name == "hungarian" else name]
+        for n in names:
+            if n not in PROTOCOLS:
+                raise ConfigError(f"unknown matching {name!r}; choose from {', '.join(PROTOCOLS)} or all")
+            if n not in out:
+                out.append(n)
+    return out
+
+
 def evaluate(
     run: str | os.PathLike | Segmenter,
     *,
@@ -626,14 +681,21 @@ def evaluate(
     split: str = "val",
     crf: bool | None = None,
     flip: bool | None = None,
-    matching: str | None = None,
+    matching: str | Sequence[str] | None = None,
     probe: str = "clusters",
     run_protocol: bool = True,
     json_path: str | os.PathLike | None = None,
     batch_size: int | None = None,
     precision: str | None = None,
 ) -> dict:
-    """Score a run on a labelled split (confusion over the whole split, then matching).
+    """Score a run on a labelled split under one or more protocols (``matching``: "dataset",
+    "per-image", "many-to-one", a list of them or "all"; see ``evaluation.metrics``), all from one
+    pass over the split.
+
+    The top-level pixel_accuracy / miou / per_class_iou are those of the first protocol
+    (``matching`` names it); ``protocols`` holds every one. ``mapping`` (cluster -> class, for the
+    report's colours) is that of the first dataset-level protocol, else of the dataset-wide
+    Hungarian matching.
 
     ``probe="linear"`` scores the run's supervised linear probe instead of its clusters (STEGO,
     CAUSE), with the identity mapping. A Leopart run fitted with ``params.protocol=reference`` is
@@ -658,16 +720,20 @@ def evaluate(
     if data.num_classes is None:
         raise ConfigError(f"dataset {dataset!r} split {split!r} has no labels to evaluate against")
     if probe == "linear":
+        if matching:
+            raise ConfigError("--probe linear predicts the classes themselves (identity mapping): leave out --matching")
         seg = linear_probe_segmenter(seg)
         if seg.num_clusters != data.num_classes:
             raise ConfigError(f"the linear probe predicts {seg.num_clusters} classes but {dataset} has {data.num_classes}")
-        matching = "identity"
+        protocols = ["identity"]
+    else:
+        protocols = _protocols(matching, seg.num_clusters, data.num_classes)
     prep = seg.eval_preprocess(data)
     kwargs = dict(cache_dir=config.cache_dir, batch_size=config.batch_size, strict=True)
     store = extract_features(seg.backbone, data, prep, description=f"{split} features", **kwargs)
     flipped = extract_features(seg.backbone, data, prep, flip=True, description=f"{split} flipped", **kwargs) if flip else None
-    matching = matching or ("hungarian" if seg.num_clusters <= data.num_classes else "many-to-one")
     confusion = ConfusionMatrix(seg.num_clusters, data.num_classes)
+    per_image = PerImageHungarian(data.num_classes)
     chunks = same_shape_chunks(store, batch_size or seg.batch_size)
     for chunk in track(chunks, len(chunks), f"evaluating {dataset}/{split}"):
         labels = store.labels(chunk)
@@ -676,10 +742,19 @@ def evaluate(
         images = torch.stack([prep.apply(data[i].image)[0] for i in chunk]) if crf else None
         probs = seg._finish(scores, images, crf)
         for pred, label in zip(probs.argmax(1), labels):
-            confusion.update(pred, label)
-    result = score(confusion, matching)
+            per_image.add(confusion.update(pred, label))
+    matchings = {"dataset": "hungarian", "many-to-one": "many-to-one", "identity": "identity"}
+    results = {name: per_image.scores() if name == "per-image" else score(confusion, matchings[name]) for name in protocols}
+    mapping_from = next((n for n in protocols if n != "per-image"), "dataset")
+    colours = results.get(mapping_from) or score(confusion, "hungarian")
+    first = results[protocols[0]].to_dict(data.classes)
     report = {
-        **result.to_dict(data.classes),
+        **first,
+        "matching": protocols[0],
+        "mapping": colours.mapping,
+        "mapping_from": mapping_from,
+        "protocols": {name: {k: v for k, v in r.to_dict(data.classes).items() if k not in ("matching", "mapping")}
+                      for name, r in results.items()},
         "n_images": len(store),
         "dataset": dataset,
         "split": split,
@@ -694,7 +769,9 @@ def evaluate(
         atomic_write_text(json_path, json.dumps(report, indent=2))
     if seg.path is not None:
         key = f"metrics_{dataset}_{split}{'_linear' if probe == 'linear' else ''}{'_crf' if crf else ''}"
-        rundir.update_meta(seg.path, **{key: {"pixel_accuracy": report["pixel_accuracy"], "miou": report["miou"]}})
+        rundir.update_meta(seg.path, **{key: {
+            "pixel_accuracy": report["pixel_accuracy"], "miou": report["miou"], "matching": protocols[0],
+            "protocols": {name: {k: p[k] for k in ("pixel_accuracy", "miou")} for name, p in report["protocols"].items()}}})
     return report
 
 

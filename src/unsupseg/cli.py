@@ -47,6 +47,18 @@ def print_scores(report: dict, title: str) -> None:
         f"{report['n_images']} images, {report['num_clusters']} clusters, matching {report['matching']}, "
         f"flip {'on' if report['flip'] else 'off'}, CRF {'on' if report['crf'] else 'off'}"
     )
+    if len(report.get("protocols", {})) > 1:
+        table = Table(title="protocols")
+        for col in ("matching", "mIoU %", "pixel accuracy %"):
+            table.add_column(col)
+        for name, r in report["protocols"].items():
+            table.add_row(name, f"{r['miou']:.1f}", f"{r['pixel_accuracy']:.1f}")
+        out.print(table)
+
+
+def _clusters(text: str | None) -> int | str | None:
+    """--clusters: digits are a number; anything else goes to the config check as text ("auto")."""
+    return int(text) if text is not None and text.strip().isdigit() else text
 
 
 def print_seed_scores(report: dict, title: str) -> None:
@@ -74,7 +86,8 @@ def fit(
     dataset: Optional[str] = typer.Option(None, help="Benchmark dataset name (camvid, cocostuff27, ...)."),
     root: Optional[Path] = typer.Option(None, help="Folder holding the dataset."),
     split: Optional[str] = typer.Option(None, help="Split to train on (default train)."),
-    clusters: Optional[int] = typer.Option(None, help="Number of clusters (classes to discover)."),
+    clusters: Optional[str] = typer.Option(None, help="Number of clusters (classes to discover), or 'auto' to "
+                                           "estimate it from the training features (range: --set clusters_range=2,40)."),
     preset: Optional[str] = typer.Option(None, help="Preset name or YAML file (default: the dataset's)."),
     config: Optional[Path] = typer.Option(None, help="A YAML run config to start from."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: --set params.lr=0.001"),
@@ -99,7 +112,7 @@ def fit(
         return
     api_fit(
         method, out=run_dir, backbone=backbone, backbone_weights=backbone_weights, images=images,
-        dataset=dataset, root=root, split=split, clusters=clusters, preset=preset, config_file=config,
+        dataset=dataset, root=root, split=split, clusters=_clusters(clusters), preset=preset, config_file=config,
         overrides=set_, overwrite=overwrite, log=out.print,
     )
 
@@ -138,6 +151,9 @@ def evaluate(
     crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="Dense CRF refinement (default: the run's)."),
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Flip averaging (default: the run's)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the scores as JSON here."),
+    matching: list[str] = typer.Option([], help="Protocol: dataset (one Hungarian matching over the split, the "
+                                       "default), per-image (a Hungarian matching per image, as DiffCut), "
+                                       "many-to-one, or all (repeatable; one pass scores them all)."),
     overcluster: list[int] = typer.Option([], help="Over-clustering protocol instead: k-means with K clusters "
                                            "on the split's backbone features, many-to-one matching (repeatable)."),
     seeds: int = typer.Option(5, help="Over-clustering: number of k-means seeds averaged."),
@@ -146,7 +162,7 @@ def evaluate(
     batch_size: Optional[int] = typer.Option(None, help="Same-size images per forward pass (default: the run's batch_size on a GPU, 1 on CPU)."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA), bf16 or fp32 (default: the run's)."),
 ) -> None:
-    """Score a run on a labelled split (Hungarian matching), or over-cluster its features.
+    """Score a run on a labelled split (Hungarian matching over the split, or --matching), or over-cluster its features.
 
     A Leopart run fitted with params.protocol=reference is scored by the reference's protocol
     (mean and std over its Infomap seeds)."""
@@ -166,7 +182,7 @@ def evaluate(
     from .api import evaluate as api_evaluate
 
     report = api_evaluate(run_dir, dataset=dataset, root=root, split=split, crf=crf, flip=flip, probe=probe,
-                          json_path=json_path, batch_size=batch_size, precision=precision)
+                          matching=matching or None, json_path=json_path, batch_size=batch_size, precision=precision)
     if report.get("protocol") == "leopart-reference":
         print_seed_scores(report, f"{run_dir} on {dataset}/{split}, Leopart reference protocol")
         return
@@ -183,12 +199,14 @@ def report(
     split: str = typer.Option("val", help="Split of the labelled dataset."),
     max_images: int = typer.Option(24, help="Images shown as overlays."),
     crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="Dense CRF refinement (default: the run's)."),
+    matching: list[str] = typer.Option([], help="Protocols scored in the metrics section: dataset, per-image, "
+                                       "many-to-one or all (repeatable; default dataset)."),
 ) -> None:
     """Write a self-contained HTML report: overlays, cluster gallery, metrics where labels exist."""
     from .reporting import build_report
 
     build_report(run_dir, out_file, images=images, dataset=dataset, root=root, split=split,
-                 max_images=max_images, crf=crf, log=out.print)
+                 max_images=max_images, crf=crf, matching=matching or None, log=out.print)
 
 
 @app.command("finetune-leopart")
@@ -346,13 +364,14 @@ def doctor() -> None:
 def demo(
     out_dir: Path = typer.Option(Path("outputs/demo"), "--out", help="Folder for photos, run, masks and overlays."),
     method: str = typer.Option("cause-mlp", help="Method to fit (its 'demo' preset when it has one)."),
-    clusters: int = typer.Option(5, help="Number of clusters to discover."),
+    clusters: str = typer.Option("5", help="Number of clusters to discover, or 'auto' (on these six photos it "
+                                 "chooses about 20: see docs/clusters.md)."),
     overwrite: bool = typer.Option(False, help="Fit again even if a finished run is there."),
 ) -> None:
     """The main job on the embedded default: fit, segment and summarise scikit-image's photos."""
     from .demo import run_demo
 
-    table = run_demo(out_dir, method, clusters, overwrite, out.print)
+    table = run_demo(out_dir, method, _clusters(clusters), overwrite, out.print)
     out.print(table)
     out.print(f"masks and overlays in {out_dir / 'masks'}, report in {out_dir / 'report.html'}")
 

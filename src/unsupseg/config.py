@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -27,11 +27,14 @@ CROP_KINDS = ("none", "five", "double", "super")
 MAX_RESOLUTION = 2048
 
 
-def check_clusters(value: Any, minimum: int = 1, tokens: int | None = None, where: str = "clusters") -> int:
-    """The number of clusters K, checked in one place: an integer >= ``minimum`` and, when the number
-    of training tokens is known, at most that many (each cluster needs a token to start from)."""
+def check_clusters(value: Any, minimum: int = 1, tokens: int | None = None, where: str = "clusters") -> int | str:
+    """The number of clusters K, checked in one place: "auto" (estimated at fit time from the training
+    features), or an integer >= ``minimum`` and, when the number of training tokens is known, at most
+    that many (each cluster needs a token to start from)."""
+    if value == "auto":
+        return value
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{where} must be an integer, got {value!r}")
+        raise ConfigError(f"{where} must be an integer or auto, got {value!r}")
     if value < minimum:
         raise ConfigError(f"{where} must be at least {minimum}, got {value}")
     if tokens is not None and value > tokens:
@@ -96,7 +99,8 @@ class RunConfig:
     version: int = CONFIG_VERSION
     method: str = "kmeans"
     seed: int = 0
-    clusters: int = 27
+    clusters: int | Literal["auto"] = 27   # a number, or "auto": estimated from the training features
+    clusters_range: list[int] = field(default_factory=lambda: [2, 40])   # K searched by "auto" (inclusive)
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     precision: str = "auto"        # auto (bf16 autocast on CUDA, float32 on CPU) | bf16 | fp32
     batch_size: int = 8            # images per backbone forward (feature extraction, segment, evaluate)
@@ -136,10 +140,16 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+        raise ConfigError("; ".join(errors) if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(annotation):
+            return value
+        raise ConfigError(f"{where}: expected {' or '.join(map(repr, typing.get_args(annotation)))}, got {value!r}")
     if dataclasses.is_dataclass(annotation):
         return from_dict(annotation, value, where)
     if origin in (list, tuple):
+        if isinstance(value, str) and "," in value:   # --set key=2,40 reads as a list
+            value = [parse_value(v.strip()) for v in value.split(",")]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (item_type, *_) = typing.get_args(annotation) or (Any,)

@@ -44,6 +44,7 @@ def build_report(
     max_images: int = 24,
     crf: bool | None = None,
     *,
+    matching: str | list[str] | None = None,
     patches_per_cluster: int = 8,
     patch_size: int = 64,
     log: Callable[[str], None] | None = None,
@@ -89,7 +90,8 @@ def build_report(
     if bench is not None:
         log(f"evaluating on {bench[0]}/{bench[2]} ({len(data)} images) for the metrics section")
         # the predictions shown are scored, even for a run whose own protocol scores otherwise
-        metrics = evaluate(seg, dataset=bench[0], root=bench[1], split=bench[2], crf=crf, run_protocol=False)
+        metrics = evaluate(seg, dataset=bench[0], root=bench[1], split=bench[2], crf=crf, matching=matching,
+                           run_protocol=False)
         prep = seg.eval_preprocess(data)   # as evaluate scores
     else:
         prep = seg.preprocess()   # as segment/predict see a photo
@@ -119,7 +121,7 @@ def build_report(
         ("run", str(seg.path) if seg.path is not None else "(in memory)"),
         ("method", config.method),
         ("backbone", f"{config.backbone.name} (weights {seg.backbone.weights_id})"),
-        ("clusters", str(seg.num_clusters)),
+        ("clusters", f"{seg.num_clusters}" + (" (chosen by clusters auto)" if "clusters_auto" in meta else "")),
         ("trained on", _train_description(config, meta)),
         ("test recipe", f"{seg.resolution} px, flip {'on' if test.flip else 'off'}, "
                         f"CRF {'on' if (test.crf if crf is None else crf) else 'off'}"),
@@ -130,12 +132,13 @@ def build_report(
         summary.insert(5, ("fit time", f"{meta['fit_seconds']} s"))
     notes = []
     if metrics is not None:
-        notes.append(f"Cluster names come from {metrics['matching']} matching of clusters to classes on the "
+        notes.append(f"Cluster names come from {metrics.get('mapping_from', metrics['matching'])} matching of clusters to classes on the "
                      "whole split; the method never saw the labels.")
     title = f"unsupseg report: {Path(seg.path).name if seg.path is not None else config.method}"
     report = ReportData(
         title=title, num_clusters=seg.num_clusters, images=shown, gallery=gallery.rows(),
         pixel_share=gallery.pixel_share(), summary=summary, metrics=metrics, notes=notes,
+        cluster_count=meta.get("clusters_auto"),
     )
     out = Path(out)
     atomic_write_text(out, render_report(report))

@@ -229,3 +229,20 @@ def test_screenshot_shows_the_overlay_colours(run, unlabelled, tmp_path):
     overlay_pixels = counts[near_blend & ~near_photo].sum()
     # 4 overlays are shown at 280 x 210 CSS pixels each (235,200 pixels)
     assert overlay_pixels > 100_000, overlay_pixels
+
+
+def test_report_lists_every_protocol_and_the_clusters_auto_curve(run, labelled):
+    tmp, seg = run
+    path = build_report(seg, tmp / "protocols.html", dataset="camvid", root=tmp / "camvid", split="val",
+                        matching="all", log=lambda m: None)
+    text = path.read_text()
+    table = re.search(r'<table class="protocols">(.*?)</table>', text, re.S).group(1)
+    assert [row for row in re.findall(r"<tr><td>([a-z-]+)</td>", table)] == ["dataset", "per-image", "many-to-one"]
+    assert "cluster-count-chart" not in text   # a fixed K: no curve
+    count = {"chosen": 4, "best": 6, "ks": [2, 3, 4, 5, 6], "scores": [0.3, 0.5, 0.6, 0.6, 0.61],
+             "score_se": [0.01] * 5, "criterion": "modularity", "images": 3}
+    item = ReportImage("a", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.int64))
+    text = render_report(ReportData("t", 1, [item], [[]], [1.0], cluster_count=count))
+    chart = [i for i in parse(text).imgs if "cluster-count-chart" in (i.get("class") or "")]
+    assert len(chart) == 1 and decode(chart[0]["src"]).size[0] > 300
+    assert "K = 4 was chosen without labels" in text

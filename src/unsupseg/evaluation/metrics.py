@@ -7,6 +7,11 @@ many-to-one by majority (precision) for over-clustering, or the identity for lin
 ``leopart_score`` is Leopart's own metric (its ``PredsmIoU``), for reproducing its protocol: matching
 on IoU or precision scores instead of pixel counts, unmatched clusters mapped to class 0, and every
 class in the mean (IoU 0 where a class has no pixel).
+
+Evaluation protocols (``PROTOCOLS``, ``unsupseg evaluate --matching``):
+  dataset      one Hungarian matching of the split's confusion matrix (STEGO, CAUSE, Leopart)
+  per-image    a Hungarian matching per image (DiffCut's evaluation), see ``PerImageHungarian``
+  many-to-one  each cluster to its majority class over the split (over-clustering protocols)
 """
 
 from __future__ import annotations
@@ -20,6 +25,23 @@ from scipy.optimize import linear_sum_assignment
 from ..errors import ConfigError
 
 MATCHINGS = ("hungarian", "many-to-one", "identity")
+PROTOCOLS = ("dataset", "per-image", "many-to-one")
+
+
+def image_confusion(prediction, target, num_clusters: int, num_classes: int) -> np.ndarray:
+    """K x C pixel counts of one prediction against its label (see ``ConfusionMatrix.update``)."""
+    pred = torch.as_tensor(prediction).reshape(-1).long().cpu()
+    true = torch.as_tensor(target).reshape(-1).long().cpu()
+    if pred.shape != true.shape:
+        raise ConfigError(f"prediction has {pred.numel()} pixels but the label has {true.numel()}")
+    valid = (true >= 0) & (true < num_classes)
+    pred, true = pred[valid], true[valid]
+    if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= num_clusters):
+        raise ConfigError(
+            f"prediction values must lie in [0, {num_clusters}), got range [{int(pred.min())}, {int(pred.max())}]"
+        )
+    counts = torch.bincount(pred * num_classes + true, minlength=num_clusters * num_classes)
+    return counts.reshape(num_clusters, num_classes).numpy().astype(np.int64)
 
 
 class ConfusionMatrix:
@@ -36,20 +58,11 @@ class ConfusionMatrix:
         self.num_classes = num_classes
         self.matrix = np.zeros((num_clusters, num_classes), dtype=np.int64)
 
-    def update(self, prediction, target) -> None:
-        pred = torch.as_tensor(prediction).reshape(-1).long().cpu()
-        true = torch.as_tensor(target).reshape(-1).long().cpu()
-        if pred.shape != true.shape:
-            raise ConfigError(f"prediction has {pred.numel()} pixels but the label has {true.numel()}")
-        valid = (true >= 0) & (true < self.num_classes)
-        pred, true = pred[valid], true[valid]
-        if pred.numel() and (int(pred.min()) < 0 or int(pred.max()) >= self.num_clusters):
-            raise ConfigError(
-                f"prediction values must lie in [0, {self.num_clusters}), got range "
-                f"[{int(pred.min())}, {int(pred.max())}]"
-            )
-        counts = torch.bincount(pred * self.num_classes + true, minlength=self.num_clusters * self.num_classes)
-        self.matrix += counts.reshape(self.num_clusters, self.num_classes).numpy()
+    def update(self, prediction, target) -> np.ndarray:
+        """Adds one prediction; returns its own K x C matrix (for the per-image protocol)."""
+        counts = image_confusion(prediction, target, self.num_clusters, self.num_classes)
+        self.matrix += counts
+        return counts
 
     def merge(self, other: "ConfusionMatrix") -> None:
         self.matrix += other.matrix
@@ -74,7 +87,7 @@ class SegmentationScores:
     miou: float                    # percent, mean over classes whose IoU is defined
     per_class_iou: list[float | None]   # percent, None where undefined (0 / 0)
     mapping: list[int]             # cluster -> class (-1: unmatched, counted as wrong)
-    matched_confusion: np.ndarray = field(repr=False)   # C x C after matching, rows = predicted class
+    matched_confusion: np.ndarray | None = field(repr=False)   # C x C after matching (None: per image)
     matching: str = "hungarian"
 
     def to_dict(self, class_names: list[str] | None = None) -> dict:
@@ -187,3 +200,63 @@ def leopart_score(confusion: ConfusionMatrix | np.ndarray, matching: str = "hung
         miou=float(iou.mean()), pixel_accuracy=float(tp.sum() / total) if total else float("nan"), iou=iou,
         tp=tp, fp=fp, fn=fn, mapping=mapping, scores=scores, background_fraction=background,
     )
+
+
+class PerImageHungarian:
+    """Per-image Hungarian protocol, as DiffCut's evaluation (``hungarian_matching`` in its
+    tools/utils.py) computes it.
+
+    Each image's K x C confusion matrix is matched on its own (one-to-one, maximising matched
+    pixels). Per class c, over all images: TP_c += matched pixels of c; FP_c += pixels of the cluster
+    matched to c that are not c; FN_c += pixels of c not in its matched cluster (pixels of clusters
+    left unmatched in that image count here, as wrong for their true class). Then
+    IoU_c = sum TP_c / (sum TP_c + sum FP_c + sum FN_c) (summed over images, not averaged per image),
+    mIoU = mean of IoU_c over the classes where it is defined, pixel accuracy = sum TP / all labelled
+    pixels.
+
+    Only the classes present in an image (at least one labelled pixel) take part in its matching.
+    DiffCut matches all C classes; a class absent from the image overlaps nothing, so which cluster
+    it gets is a tie left to the solver, and when that cluster has pixels they become false
+    positives of the absent class. Leaving absent classes out makes the score independent of the
+    solver's tie-breaking; it differs from DiffCut's only in that case.
+    """
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.tp = np.zeros(num_classes, dtype=np.int64)
+        self.fp = np.zeros(num_classes, dtype=np.int64)
+        self.fn = np.zeros(num_classes, dtype=np.int64)
+        self.images = 0
+
+    def add(self, matrix: np.ndarray) -> None:
+        """One image's K x C confusion matrix (rows = clusters, columns = classes)."""
+        m = np.asarray(matrix, dtype=np.int64)
+        if m.ndim != 2 or m.shape[1] != self.num_classes:
+            raise ConfigError(f"expected a K x {self.num_classes} confusion matrix, got shape {m.shape}")
+        present = np.nonzero(m.sum(axis=0) > 0)[0]
+        self.images += 1
+        if not len(present):
+            return
+        clusters, classes = linear_sum_assignment(m[:, present].T, maximize=True)[::-1]
+        classes = present[classes]
+        tp = m[clusters, classes]
+        self.tp[classes] += tp
+        self.fp[classes] += m[clusters].sum(axis=1) - tp
+        self.fn += m.sum(axis=0)
+        self.fn[classes] -= tp
+
+    def scores(self) -> SegmentationScores:
+        union = (self.tp + self.fp + self.fn).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou = np.where(union > 0, self.tp / union, np.nan)
+        total = self.tp.sum() + self.fn.sum()   # every labelled pixel is either TP or FN
+        accuracy = float(self.tp.sum() / total) if total else float("nan")
+        defined = ~np.isnan(iou)
+        return SegmentationScores(
+            pixel_accuracy=100.0 * accuracy,
+            miou=100.0 * float(iou[defined].mean()) if defined.any() else float("nan"),
+            per_class_iou=[None if np.isnan(v) else 100.0 * float(v) for v in iou],
+            mapping=[],
+            matched_confusion=None,
+            matching="per-image",
+        )

@@ -45,6 +45,7 @@ class ReportData:
     summary: list[tuple[str, str]] = field(default_factory=list)   # run facts, shown as a table
     metrics: dict | None = None          # the dict of unsupseg.evaluate(), when labels exist
     notes: list[str] = field(default_factory=list)
+    cluster_count: dict | None = None    # the clusters-auto curve of the run (meta.json "clusters_auto")
 
 
 class ClusterGallery:
@@ -207,6 +208,26 @@ def _confusion_chart(metrics: dict) -> str:
     return _figure_uri(fig)
 
 
+def _cluster_count_chart(count: dict) -> str:
+    """The criterion over K (mean and one standard error band), the chosen K marked."""
+    ks = np.asarray(count["ks"])
+    mean = np.asarray(count["scores"])
+    se = np.asarray(count.get("score_se") or np.zeros_like(mean))
+    fig = Figure(figsize=(7, 3.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(ks, mean, color="#2c3e50", marker="o", markersize=3, label="modularity (mean over resamples)")
+    ax.fill_between(ks, mean - se, mean + se, color="#2c3e50", alpha=0.2, linewidth=0, label="± 1 standard error")
+    chosen = count["chosen"]
+    ax.axvline(chosen, color="#c0392b", linestyle="--", linewidth=1.2, label=f"chosen K = {chosen}")
+    if count.get("best") is not None and count["best"] != chosen:
+        ax.axvline(count["best"], color="#7f8c8d", linestyle=":", linewidth=1, label=f"maximum at K = {count['best']}")
+    ax.set_xlabel("number of clusters K")
+    ax.set_ylabel("modularity Q(K)")
+    ax.set_title("clusters auto: criterion over K")
+    ax.legend(loc="lower right", fontsize=8)
+    return _figure_uri(fig)
+
+
 # ----------------------------------------------------------------------------- HTML
 
 _CSS = """
@@ -282,6 +303,14 @@ def render_report(data: ReportData) -> str:
         parts.append(f'<tr><th>mIoU</th><td>{metrics["miou"]:.1f} %</td></tr>')
     parts.append("</table>")
     parts += [f'<p class="note">{_esc(note)}</p>' for note in data.notes]
+    if data.cluster_count is not None:
+        c = data.cluster_count
+        parts.append(
+            f'<p class="note">K = {c["chosen"]} was chosen without labels ({_esc(c.get("criterion", ""))}; smallest K '
+            f'within one standard error of the maximum, searched {c["ks"][0]}..{c["ks"][-1]} on {c.get("images", "?")} '
+            f'images).</p>'
+        )
+        parts.append(_img(_cluster_count_chart(c), "clusters auto criterion over K", cls="chart cluster-count-chart"))
 
     parts.append('<h2 id="legend">Legend</h2><div class="legend">')
     for c in range(k):
@@ -336,12 +365,24 @@ def _metrics_section(metrics: dict, colours: np.ndarray, class_colours: np.ndarr
             for c in clusters_of[i]
         ) or '<span class="note">none</span>'
         rows.append(f'<tr><td>{_esc(name)}</td><td class="num">{"n/a" if value is None else f"{value:.1f}"}</td><td>{swatches}</td></tr>')
+    protocols = metrics.get("protocols") or {}
+    protocol_rows = [
+        f'<tr><td>{_esc(name)}</td><td class="num">{p["miou"]:.1f}</td><td class="num">{p["pixel_accuracy"]:.1f}</td></tr>'
+        for name, p in protocols.items()
+    ]
+    protocol_table = (['<table class="protocols"><tr><th>matching protocol</th><th>mIoU %</th><th>pixel accuracy %</th></tr>',
+                       *protocol_rows, "</table>",
+                       '<p class="note">dataset: one Hungarian matching over the split; per-image: a Hungarian '
+                       "matching per image, TP/FP/FN summed over images (DiffCut's protocol); many-to-one: each "
+                       "cluster to its majority class. Per-class figures below: the first protocol.</p>"]
+                      if len(protocols) > 1 else [])
     return "\n".join([
         '<h2 id="metrics">Metrics</h2>',
         f'<p class="note">Whole split ({_esc(where)}); matching {_esc(metrics.get("matching", "?"))}, '
         f'flip {"on" if metrics.get("flip") else "off"}, CRF {"on" if metrics.get("crf") else "off"}.</p>',
         '<table class="metrics"><tr><th>pixel accuracy</th><td class="num">'
         f'{metrics["pixel_accuracy"]:.1f}</td></tr><tr><th>mIoU</th><td class="num">{metrics["miou"]:.1f}</td></tr></table>',
+        *protocol_table,
         '<table class="per-class"><tr><th>class</th><th>IoU %</th><th>matched cluster(s)</th></tr>',
         *rows,
         "</table>",
