@@ -105,7 +105,7 @@ def fit(
         from .api import fit_config, plan as api_plan
 
         config = fit_config(method, backbone=backbone, backbone_weights=backbone_weights, images=images,
-                            dataset=dataset, root=root, split=split, clusters=clusters, preset=preset,
+                            dataset=dataset, root=root, split=split, clusters=_clusters(clusters), preset=preset,
                             config_file=config, overrides=set_)
         for line in api_plan(config, throughput=throughput):
             out.print(line, highlight=False, soft_wrap=True)
