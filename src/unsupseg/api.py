@@ -183,7 +183,7 @@ def _train_preprocess(config: RunConfig, stride: int, resolution: int | None = N
 
 
 def fit_config(
-    method: str = "kmeans",
+    method: str | None = None,
     *,
     backbone: str | None = None,
     backbone_weights: str | None = None,
@@ -191,7 +191,7 @@ def fit_config(
     dataset: str | None = None,
     root: str | os.PathLike | None = None,
     split: str | None = None,
-    clusters: int | None = None,
+    clusters: int | str | None = None,
     preset: str | None = None,
     config_file: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
@@ -247,7 +247,7 @@ def fit(
     dist = init_distributed(config.device, config.precision)
     out = Path(out)
     created = not out.exists()
-    if dist.is_main:
+    if dist.is_main and config.data.cache != "never":   # never: not a byte, not a folder in the cache
         _check_cache_dir(config)
     resuming = rundir.prepare(out, config, overwrite) if dist.is_main else False
     dist.barrier()
