@@ -256,6 +256,35 @@ def test_step3_kmeanspp_seeds_and_cosine_loss(tmp_path, variant):
     assert not torch.equal(cluster.centroids, seeds)
 
 
+def test_step3_kmeans_init_is_a_converged_partition_that_does_not_depend_on_the_seeds(tmp_path):
+    # three directions of unequal extent (top half, bottom left, bottom right of every map) plus noise
+    g = torch.Generator().manual_seed(0)
+    base = torch.zeros(16, 8, 8)
+    base[0, :4], base[1, 4:, :4], base[2, 4:, 4:] = 1.0, 1.0, 1.0
+    feats = base + 0.05 * torch.randn(8, 16, 8, 8, generator=g)
+
+    def items():
+        for i in range(8):
+            yield str(i), feats[i], None
+
+    source = StoreSource(open_or_build(tmp_path / "cache", {"k": "groups"}, items), False)
+    params = tiny(cluster_init="kmeans", cluster_init_restarts=3, grid_window=1)  # every token is sampled
+    partitions = []
+    for seed in range(4):
+        centroids = trainer.seed_centroids(source, torch.nn.Identity(), 3, params, torch.Generator().manual_seed(seed), "cpu")
+        x = torch.nn.functional.normalize(feats.flatten(2).transpose(1, 2).reshape(-1, 16), dim=1)
+        members = (x @ centroids.T).argmax(1)
+        # a Lloyd fixed point: each centroid is the normalised mean of the tokens nearest to it
+        for c in range(3):
+            assert torch.allclose(centroids[c], torch.nn.functional.normalize(x[members == c].mean(0), dim=0), atol=1e-4)
+        # the partition is the three groups, whatever the seeds drew
+        groups = base[:3].flatten(1).argmax(0).repeat(8)
+        assert torch.equal(torch.bincount(groups * 3 + members, minlength=9).reshape(3, 3).count_nonzero(1), torch.ones(3, dtype=torch.long))
+        partitions.append(members)
+    assert all(torch.equal(p.unique(return_counts=True)[1].sort().values, partitions[0].unique(return_counts=True)[1].sort().values)
+               for p in partitions)
+
+
 def test_feature_scale_scales_the_training_batches_and_keeps_the_clusterbook(tmp_path):
     store = make_store(tmp_path)
     plain, scaled = StoreSource(store, True), StoreSource(store, True, scale=10.0)
@@ -274,7 +303,7 @@ def test_feature_scale_scales_the_training_batches_and_keeps_the_clusterbook(tmp
 def test_invalid_params_are_config_errors():
     from unsupseg.errors import ConfigError
 
-    for bad in ({"cluster_loss": "kmeans"}, {"cluster_init": "zeros"}, {"concepts": 0}, {"bank_keep": 0.0},
+    for bad in ({"cluster_loss": "kmeans"}, {"cluster_init": "zeros"}, {"cluster_init_restarts": 0}, {"concepts": 0}, {"bank_keep": 0.0},
                 {"pos_threshold": 0.1, "neg_threshold": 0.3}, {"tr_window": 2}, {"feature_scale": 0.0},
                 {"tr_grid_window": 0}):
         with pytest.raises(ConfigError, match=next(iter(bad))):

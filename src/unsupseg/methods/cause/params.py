@@ -8,7 +8,8 @@ from dataclasses import dataclass, fields
 from ...errors import ConfigError
 
 _POSITIVE = ("concepts", "reduced_dim", "projection_dim", "bank_size", "grid_window", "tr_ffn_dim", "tr_heads",
-             "batch_size", "ref_world_size", "cluster_lr_step_epochs", "checkpoint_every")
+             "batch_size", "ref_world_size", "cluster_lr_step_epochs", "checkpoint_every",
+             "cluster_init_restarts")
 _NON_NEGATIVE = ("mediator_epochs", "head_epochs", "cluster_epochs")
 
 
@@ -51,7 +52,8 @@ class Params:
     cluster_lr_step_epochs: int = 2    # Step 3 StepLR
     cluster_lr_gamma: float = 0.5
     cluster_loss: str = "modularity"   # Step 3: modularity (reference scripts) | cosine (the reference's unused STEGO-style loss)
-    cluster_init: str = "uniform"      # Step 3 centroids: uniform U(-1/C, 1/C) (reference) | kmeans++ seeds among teacher outputs
+    cluster_init: str = "uniform"      # Step 3 centroids: uniform U(-1/C, 1/C) (reference) | kmeans++ seeds | kmeans (converged) among teacher outputs
+    cluster_init_restarts: int = 10    # cluster_init kmeans: best of this many seeded runs (scikit-learn's classic n_init)
     mediator_resolution: int | None = None   # Step 1 input size (None: data.resolution)
     train_resolution: int | None = None      # Steps 2-3 input size (None: data.resolution)
     # supervision used for monitoring only (§7.2)
@@ -65,8 +67,8 @@ class Params:
             value = getattr(self, f.name)
             if f.name in _POSITIVE and value < 1 or f.name in _NON_NEGATIVE and value < 0:
                 raise ConfigError(f"params.{f.name} must be {'positive' if f.name in _POSITIVE else '>= 0'}, got {value!r}")
-        if self.cluster_init not in ("uniform", "kmeans++"):
-            raise ConfigError(f"params.cluster_init must be 'uniform' or 'kmeans++', got {self.cluster_init!r}")
+        if self.cluster_init not in ("uniform", "kmeans++", "kmeans"):
+            raise ConfigError(f"params.cluster_init must be 'uniform', 'kmeans++' or 'kmeans', got {self.cluster_init!r}")
         if self.cluster_loss not in ("modularity", "cosine"):
             raise ConfigError(f"params.cluster_loss must be 'modularity' or 'cosine', got {self.cluster_loss!r}")
         for name in ("lr", "temperature", "modularity_temperature", "cluster_lr_gamma"):

@@ -378,8 +378,10 @@ class ClusterModel(nn.Module):
 @torch.no_grad()
 def seed_centroids(source, head: nn.Module, clusters: int, params: Params, generator: torch.Generator, device,
                    max_images: int = 256) -> Tensor:
-    """k-means++ seeds (unit vectors) among the teacher's sampled outputs S(h_t(T)) of up to
-    ``max_images`` random training images, computed without dropout."""
+    """Unit centroids among the teacher's sampled outputs S(h_t(T)) of up to ``max_images`` random
+    training images, computed without dropout: k-means++ seeds (``cluster_init`` kmeans++), or the
+    best of ``cluster_init_restarts`` converged spherical k-means runs (kmeans), which depends far less
+    on the draw of the seeds."""
     training = head.training
     window = sampling_window(params, isinstance(head, TRHead))
     head.eval()
@@ -394,6 +396,8 @@ def seed_centroids(source, head: nn.Module, clusters: int, params: Params, gener
             samples.append(head(sample_grid(tokens, order, source.grid, window)))
     head.train(training)
     x = F.normalize(torch.cat(samples).flatten(0, 1).cpu(), dim=1)
+    if params.cluster_init == "kmeans":
+        return spherical_kmeans(x, clusters, generator, restarts=params.cluster_init_restarts, iterations=100).to(device)
     return spherical_kmeans(x, clusters, generator, restarts=1, iterations=0).to(device)
 
 
@@ -404,7 +408,7 @@ def cluster_stage(
     window, grid = sampling_window(params, isinstance(head_teacher, TRHead)), source.grid
     init = torch.Generator().manual_seed(seed * 1000 + 31)
     cluster = ClusterModel(head_teacher, clusters, probe, params, grid, init, params.reference_step3).to(device)
-    if params.cluster_init == "kmeans++":
+    if params.cluster_init != "uniform":
         cluster.centroids.data.copy_(seed_centroids(source, head_teacher, clusters, params, init, device))
     cluster.train()
     model = dist.wrap(cluster)
