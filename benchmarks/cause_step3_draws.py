@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+import yaml
 
 from unsupseg import api, rundir
 from unsupseg.backbones import build_backbone
@@ -48,10 +48,9 @@ def main() -> None:
     changes = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        kind = {f.name: f.type for f in dataclasses.fields(Params)}.get(key)
-        if kind is None:
+        if key not in {f.name for f in dataclasses.fields(Params)}:
             parser.error(f"--set {item}: CAUSE has no parameter {key!r}")
-        changes[key] = type(getattr(params, key))(value) if getattr(params, key) is not None else value
+        changes[key] = yaml.safe_load(value)   # as a config file would read it
     params = dataclasses.replace(params, **changes)
 
     dist = init_distributed("cpu", "fp32")
