@@ -29,13 +29,7 @@ from unsupseg.features.source import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # a ViT on a shared CPU: one thread avoids oversubscription (the results do not depend on it)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

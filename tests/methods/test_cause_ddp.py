@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -72,43 +71,16 @@ def test_two_gloo_processes_end_with_identical_weights_and_bank(tmp_path):
             "cause-step1-clusterbook.pt", "cause-step2-front-door.pt", "cause-step3-cluster.pt"]
 
 
-def _fit_rank(rank: int, world: int, port: int, folder: str) -> None:
-    """One torchrun process (environment as torchrun sets it) running the real ``fit`` on a cold cache."""
-    from pathlib import Path
-
-    from unsupseg import api
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), UNSUPSEG_PROGRESS="0",
-                      UNSUPSEG_CACHE_DIR=f"{folder}/cache")
-    torch.set_num_threads(1)
-    logs = []
-    try:
-        seg = api.fit("cause-mlp", preset="demo", out=Path(folder) / "run", images=Path(folder) / "photos",
-                      clusters=3, backbone_weights="random", log=logs.append, overrides=[
-                          "params.mediator_epochs=2", "params.head_epochs=2", "params.cluster_epochs=2",
-                          "params.batch_size=4", "params.concepts=8", "data.resolution=64", "data.workers=0"])
-        torch.save(seg.predictor.state_dict(), Path(folder) / f"rank{rank}.pt")
-        (Path(folder) / f"log{rank}.txt").write_text("\n".join(logs))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def test_torchrun_fit_on_a_cold_cache_shards_extraction_and_agrees(tmp_path):
     # issue 12: under torchrun a cold cache crashed in _io.atomic_path (both ranks wrote one entry)
-    import socket
-
     from tests.conftest import write_images
+    from tests.torchrun import fit_two_ranks
 
     write_images(tmp_path / "photos", 8)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_fit_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    (a, b), logs = fit_two_ranks(tmp_path, "cause-mlp", preset="demo", clusters=3, backbone_weights="random", overrides=[
+        "params.mediator_epochs=2", "params.head_epochs=2", "params.cluster_epochs=2",
+        "params.batch_size=4", "params.concepts=8", "data.resolution=64", "data.workers=0"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    logs = [(tmp_path / f"log{r}.txt").read_text() for r in (0, 1)]
     assert "rank 0/2 extracted its share, items 0-3 (4 of 8)" in logs[0]
     assert "rank 1/2 extracted its share, items 4-7 (4 of 8)" in logs[1]
     assert "extracted its share" not in logs[0].replace("rank 0/2 extracted its share", "")

@@ -4,7 +4,6 @@ Kept apart from the API tests so the spawned workers import only torch and the S
 """
 
 import os
-import socket
 
 import torch
 import torch.distributed as torch_dist
@@ -16,6 +15,8 @@ from unsupseg.features.cache import open_or_build
 from unsupseg.features.knn import knn_indices, pooled_descriptors
 from unsupseg.methods import stego
 from unsupseg.methods.base import FitContext
+
+from tests.torchrun import free_port
 
 
 def _store(folder, n=8, dim=12, side=5):
@@ -38,12 +39,6 @@ def _training(store, dist):
     return stego.build_training(ctx, store, knn_indices(pooled_descriptors(store), len(store)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -62,7 +57,7 @@ def _ddp_worker(rank: int, world: int, port: int, folder: str, out: str) -> None
 
 def test_two_process_ddp_ends_with_identical_weights(tmp_path):
     _store(tmp_path / "cache")         # built once here, read by both workers
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "cache"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "cache"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key, value in r0["state"].items():
         assert torch.equal(value, r1["state"][key]), key
@@ -73,37 +68,15 @@ def test_two_process_ddp_ends_with_identical_weights(tmp_path):
     assert not torch.equal(initial.state_dict()["head.cluster1.0.weight"], r0["state"]["head.cluster1.0.weight"])
 
 
-def _fit_rank(rank: int, world: int, port: int, folder: str) -> None:
-    """One torchrun process (environment as torchrun sets it) running the real ``fit`` on a cold cache."""
-    from pathlib import Path
-
-    from unsupseg import api
-
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), UNSUPSEG_PROGRESS="0",
-                      UNSUPSEG_CACHE_DIR=f"{folder}/cache")
-    torch.set_num_threads(1)
-    logs = []
-    try:
-        seg = api.fit("stego", out=Path(folder) / "run", images=Path(folder) / "photos", clusters=3,
-                      backbone="efficientnet_lite0", backbone_weights="random", log=logs.append, overrides=[
-                          "params.steps=3", "params.batch_size=4", "params.knn_k=2", "params.dim=8",
-                          "data.resolution=64", "data.workers=0"])
-        torch.save(seg.predictor.state_dict(), Path(folder) / f"rank{rank}.pt")
-        (Path(folder) / f"log{rank}.txt").write_text("\n".join(logs))
-    finally:
-        if torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
-
-
 def test_torchrun_fit_on_a_cold_cache_shards_extraction_and_agrees(tmp_path):
     from tests.conftest import write_images
+    from tests.torchrun import fit_two_ranks
 
     write_images(tmp_path / "photos", 8)
-    mp.spawn(_fit_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    (a, b), logs = fit_two_ranks(tmp_path, "stego", clusters=3, backbone="efficientnet_lite0", backbone_weights="random",
+                                 overrides=["params.steps=3", "params.batch_size=4", "params.knn_k=2", "params.dim=8",
+                                            "data.resolution=64", "data.workers=0"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    logs = [(tmp_path / f"log{r}.txt").read_text() for r in (0, 1)]
     assert "rank 0/2 extracted its share, items 0-3 (4 of 8)" in logs[0]
     assert "rank 1/2 extracted its share, items 4-7 (4 of 8)" in logs[1]
     entries = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]

@@ -1,0 +1,43 @@
+"""Two processes launched as torchrun launches them (its environment variables, gloo on loopback),
+each running the real ``api.fit`` on a cold feature cache: the multi-process path from a cold start."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fit_rank(rank: int, world: int, port: int, folder: str, method: str, fit_kwargs: dict) -> None:
+    from unsupseg import api
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), UNSUPSEG_PROGRESS="0",
+                      UNSUPSEG_CACHE_DIR=f"{folder}/cache")
+    torch.set_num_threads(1)
+    logs = []
+    try:
+        seg = api.fit(method, out=Path(folder) / "run", images=Path(folder) / "photos", log=logs.append, **fit_kwargs)
+        torch.save(seg.predictor.state_dict(), Path(folder) / f"rank{rank}.pt")
+        (Path(folder) / f"log{rank}.txt").write_text("\n".join(logs))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def fit_two_ranks(folder: Path, method: str, **fit_kwargs) -> tuple[list[dict], list[str]]:
+    """Fit ``method`` on ``folder/photos`` in two torchrun-like processes (cache in ``folder/cache``, run
+    in ``folder/run``); returns each rank's predictor state and log."""
+    mp.spawn(_fit_rank, args=(2, free_port(), str(folder), method, fit_kwargs), nprocs=2, join=True)
+    states = [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    return states, [(folder / f"log{r}.txt").read_text() for r in (0, 1)]
