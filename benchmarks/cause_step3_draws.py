@@ -12,20 +12,14 @@ accuracy / mIoU (dataset-wide Hungarian) and per-image mIoU. The run directory i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-from unsupseg import api, rundir
-from unsupseg.backbones import build_backbone
+from cause_runs import load_cause_run, params_changes
+from unsupseg import api
 from unsupseg.engine import run_stage
-from unsupseg.engine.distributed import init_distributed
-from unsupseg.features.source import open_features
 from unsupseg.methods.cause import trainer
-from unsupseg.methods.cause.params import Params
 from unsupseg.methods.cause.predictor import head_from_state
 
 
@@ -40,28 +34,12 @@ def main() -> None:
                         help="a Step 3 parameter of params: (cluster_init, cluster_init_restarts, cluster_epochs, ...)")
     args = parser.parse_args()
 
-    run = rundir.load(args.run)
+    try:
+        changes = params_changes(args.set)
+        run, params, source, dist = load_cause_run(args.run, changes)
+    except (KeyError, ValueError) as err:
+        parser.error(str(err.args[0]))
     config = run.config
-    if config.method not in trainer.VARIANTS:
-        parser.error(f"{args.run} is a {config.method} run, not a CAUSE one")
-    params = api._method_params(config)
-    changes = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in {f.name for f in dataclasses.fields(Params)}:
-            parser.error(f"--set {item}: CAUSE has no parameter {key!r}")
-        changes[key] = yaml.safe_load(value)   # as a config file would read it
-    params = dataclasses.replace(params, **changes)
-
-    dist = init_distributed("cpu", "fp32")
-    net = build_backbone(config.backbone.name, config.backbone.weights, device="cpu")
-    store, _ = open_features(
-        net, api.build_train_dataset(config), api._train_preprocess(config, net.stride, params.train_resolution),
-        cache=config.data.cache, cache_dir=config.cache_dir, max_gb=config.data.cache_max_gb,
-        batch_size=config.batch_size, flip=False, strict=config.data.strict, workers=0, dist=dist,
-        log=lambda msg: None, warn=print, description="training features",
-    )
-    source = trainer.StoreSource(store, labelled=False, scale=params.feature_scale)
     seg = api.load(args.run)
     seg.path = None   # evaluate records metrics in a run's meta.json: these are not the run's
     for seed in (int(s) for s in args.seeds.split(",")):

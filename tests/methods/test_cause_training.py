@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from PIL import Image
 
 import unsupseg.methods.cause.trainer as trainer
 from unsupseg import api
+from unsupseg.config import load_preset
 from unsupseg.engine import Dist, run_stage
 from unsupseg.features.cache import open_or_build
 from unsupseg.methods.cause.bank import ConceptBank
@@ -204,6 +207,43 @@ def test_joint_clip_lets_the_probe_shrink_the_head_update_and_apart_does_not(tmp
                                                    for f in (1, 100))
     assert float(total1) == pytest.approx(0.01, rel=1e-4) and float(total100) == pytest.approx(0.01, rel=1e-4)
     assert norm(joint100) < norm(joint1) / 10
+
+
+def attention_rms_after_step2(tmp_path, **optimizer) -> tuple[float, float]:
+    """RMS of the TR decoder's attention projections (self and cross) at init and after 120 Step 2
+    steps on 16 maps of four patterned 32-d directions, scaled as efficientnet_lite0's features are."""
+    g = torch.Generator().manual_seed(0)
+    directions = torch.randn(4, 32, generator=g)
+    pattern = torch.randint(4, (16, 4, 4), generator=g).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    feats = 0.08 * (directions[pattern].permute(0, 3, 1, 2) + 0.5 * torch.randn(16, 32, 16, 16, generator=g))
+    store = open_or_build(tmp_path / "cache", {"k": "patterns"}, lambda: ((str(i), feats[i], None) for i in range(16)))
+    params = tiny(concepts=32, reduced_dim=16, projection_dim=32, bank_size=8, tr_ffn_dim=64, mediator_epochs=10,
+                  head_epochs=30, checkpoint_every=1000, tr_grid_window=2, feature_scale=math.sqrt(32 / 3), **optimizer)
+    source = StoreSource(store, False, scale=params.feature_scale)
+    torch.manual_seed(0)
+    stage, mediator = mediator_stage(source, params, Dist(), 0, "cpu")
+    run_stage(stage, None, Dist())
+    stage, front = front_door_stage(source, mediator.codebook.detach(), "tr", None, params, Dist(), 0, "cpu")
+    decoder = front.student.head.tr
+    rms = lambda: torch.cat([decoder.self_attn.in_proj_weight.flatten(),
+                             decoder.multihead_attn.in_proj_weight.flatten()]).pow(2).mean().sqrt().item()
+    before = rms()
+    run_stage(stage, None, Dist())
+    return before, rms()
+
+
+def test_camvid_tr_preset_optimizer_keeps_the_decoder_attention(tmp_path):
+    """Adam's coupled L2 (weight_decay 1e-4, the reference's) walks every weight whose loss gradient is
+    below weight_decay x weight towards zero by about lr per step. At the camvid lr of 4e-3 that put
+    the CamVid TR decoder's attention projections at the noise floor (RMS 0.001-0.002 from 0.033) and
+    made both attentions uniform (docs/cause-tr-camvid.md). The camvid TR preset's optimizer settings
+    keep them at their scale; the reference's weight decay, in the same run, loses over half of it."""
+    preset = load_preset("cause-tr", "camvid")["params"]
+    optimizer = {k: preset[k] for k in ("lr", "weight_decay", "grad_clip")}
+    before, after = attention_rms_after_step2(tmp_path / "preset", **optimizer)
+    assert after > 0.9 * before
+    before, decayed = attention_rms_after_step2(tmp_path / "coupled", **{**optimizer, "weight_decay": 1e-4})
+    assert decayed < 0.6 * before
 
 
 @pytest.mark.parametrize("variant, anchors", [("tr", 9), ("mlp", 4)])
