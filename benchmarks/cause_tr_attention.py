@@ -19,7 +19,7 @@ import torch
 from cause_runs import load_cause_run
 from unsupseg.methods.cause.heads import TRHead
 from unsupseg.methods.cause.predictor import head_from_state
-from unsupseg.methods.cause.trainer import to_tokens
+from unsupseg.methods.cause.trainer import to_tokens, windowed
 
 WEIGHTS = {
     "self-attn q/k/v": "tr.self_attn.in_proj_weight",
@@ -46,14 +46,11 @@ def attention_entropy(head: TRHead, tokens: torch.Tensor) -> dict[str, float]:
     return {name: -(w * w.clamp_min(1e-12).log()).sum(-1).mean().item() for name, w in found.items()}
 
 
-def windows(source, size: tuple[int, int], count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` random size-token windows of random training maps, as tokens count x N x D."""
-    (h, w), (wh, ww) = source.grid, size
-    index = torch.randint(len(source), (count,), generator=generator)
-    features, _ = source.load(index, slice(None))
-    top = torch.randint(h - wh + 1, (count,), generator=generator).tolist()
-    left = torch.randint(w - ww + 1, (count,), generator=generator).tolist()
-    return to_tokens(torch.stack([f[:, y : y + wh, x : x + ww] for f, y, x in zip(features, top, left)]))
+def windows(source, params, count: int) -> torch.Tensor:
+    """``count`` training windows cut as Step 2 cuts them (random maps, random offsets), as tokens."""
+    cut, _ = windowed(source, True, params, seed=0)
+    index = torch.randint(len(source), (count,), generator=torch.Generator().manual_seed(0))
+    return to_tokens(cut.load(index, slice(None))[0])
 
 
 def report(label: str, head: TRHead, tokens: torch.Tensor) -> None:
@@ -68,6 +65,8 @@ def main() -> None:
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--windows", type=int, default=32, help="training windows to average over")
     args = parser.parse_args()
+    if args.windows < 1:
+        parser.error(f"--windows must be at least 1, got {args.windows}")
     for path in args.runs:
         try:
             run, params, source, _ = load_cause_run(path)
@@ -77,7 +76,7 @@ def main() -> None:
             parser.error(f"{path} is a CAUSE-MLP run: it has no attention")
         head = head_from_state(run.state, params)
         grid = tuple(int(v) for v in run.state["grid"])
-        tokens = windows(source, grid, args.windows, torch.Generator().manual_seed(0))
+        tokens = windows(source, params, args.windows)
         if path == args.runs[0]:
             print(f"uniform attention over {grid[0]} x {grid[1]} queries: entropy log({head.num_queries}) = "
                   f"{math.log(head.num_queries):.3f}")
