@@ -111,3 +111,14 @@ def test_plan_of_a_paper_preset_prints_the_numbers_and_writes_nothing(tmp_path):
     # (2 + 4 + 10) steps x 16 items = 256 reads at 0.25 items/s = 1,024 s
     assert "time: 256 item reads at 0.25 items/s: about 0.3 h" in lines
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_plan_within_the_cache_budget_says_a_cached_entry_would_be_a_hit(tmp_path):
+    """The plan reads no weights, so it cannot know the entry's key: it must not claim a miss outright."""
+    write_images(tmp_path / "photos", 4, size=(64, 48))
+    config = api.resolve_config("kmeans", **{"data.images": str(tmp_path / "photos"), "backbone.weights": "random"})
+    lines = api.plan(config, cache_dir=tmp_path / "cache")
+    source = [line for line in lines if line.startswith("  source:")]
+    assert len(source) == 1 and source[0].startswith("  source: cache: feature cache miss")
+    assert source[0].endswith("(a hit instead, backbone skipped, if this entry is already cached)")
+    assert not (tmp_path / "cache").exists()
