@@ -352,8 +352,9 @@ def plan(config: RunConfig, cache_dir: str | os.PathLike | None = None, throughp
         verdict, reason = choose_source(config.data.cache, estimate, config.data.cache_max_gb, folder)
         lines.append(f"features at {resolution}px: {estimate.describe()}")
         # the entry's key hashes the loaded weights, which a plan never reads: it cannot tell a hit
-        caveat = (" (unless this entry is already cached)" if verdict == "stream" and config.data.cache != "never"
-                  else " (a hit instead, backbone skipped, if this entry is already cached)" if verdict == "cache" else "")
+        caveat = "" if config.data.cache == "never" else {
+            "stream": " (unless this entry is already cached)",
+            "cache": " (a hit instead, backbone skipped, if this entry is already cached)"}[verdict]
         lines.append(f"  source: {'stream (backbone on every batch)' if verdict == 'stream' else 'cache'}: {reason}{caveat}")
     fplan = module.plan(params, config.method, config.clusters, n, spec.dim, tokens)
     for stage in fplan.stages:
