@@ -16,7 +16,7 @@ from unsupseg.errors import ConfigError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reproducing-cause.md"
 CROPS = {"cocostuff27": "five", "cityscapes27": "five", "voc21": "super", "coco81": "double", "cocostuff171": "double"}
-# cause.md §6: 20 numbers in the backbone table plus COCO-81 and COCO-171 (MLP and TR each)
+# docs/methods/cause.md §6: 20 numbers in the backbone table plus COCO-81 and COCO-171 (MLP and TR each)
 PUBLISHED = 30
 
 
@@ -50,7 +50,7 @@ def test_every_published_number_has_a_command_that_resolves_to_the_paper_recipe(
         spec = get_spec(config.backbone.name)
         heads = config.backbone.options.get("num_heads")
         assert heads is None or spec.dim % heads == 0
-        # the reference's DINO ViT-S runs 12 heads (cause.md §7.3); DINOv2 runs at 322 (§1.3)
+        # the reference's DINO ViT-S runs 12 heads (docs/methods/cause.md §7.3); DINOv2 runs at 322 (§1.3)
         assert (heads == 12) == (config.backbone.name in ("dino_vits8", "dino_vits16"))
         assert (config.data.resolution == 322) == (config.backbone.name == "dinov2_vitb14")
         assert opts["--preset"] == f"{config.data.dataset}-paper"
@@ -65,7 +65,7 @@ def test_every_published_number_has_a_command_that_resolves_to_the_paper_recipe(
 def test_paper_preset_departs_from_the_label_free_one_in_the_listed_keys_only(method, dataset):
     paper = to_dict(resolve_config(method, preset=f"{dataset}-paper"))
     free = to_dict(resolve_config(method, preset=dataset))
-    # both train on the reference's crops, cut on the fly (cause.md §1.4)
+    # both train on the reference's crops, cut on the fly (docs/methods/cause.md §1.4)
     assert free["data"]["crop"] == paper["data"]["crop"] == CROPS[dataset]
     assert (free["params"].pop("reference_step3"), paper["params"].pop("reference_step3")) == (False, True)
     assert (free["params"].pop("reference_clip"), paper["params"].pop("reference_clip")) == (False, True)

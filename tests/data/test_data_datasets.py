@@ -142,7 +142,7 @@ def test_voc(tmp_path, write_rgb, nesting):
 
 
 def test_leopart_voc_evaluation_resizes_images_bilinear_and_labels_nearest(tmp_path, write_rgb):
-    # spec leopart.md §2.1: the Leopart run's evaluation squashes images bilinearly, labels nearest
+    # docs/methods/leopart.md §2.1: the Leopart run's evaluation squashes images bilinearly, labels nearest
     from unsupseg.api import resolve_config
 
     _voc_tree(tmp_path / "VOCdevkit" / "VOC2012", write_rgb)

@@ -1,4 +1,4 @@
-"""Label maps against tables written here independently from benchmarks.md §4."""
+"""Label maps against tables written here independently from docs/protocols.md §4."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from unsupseg.data import labelmaps
 from unsupseg.errors import ConfigError, DataError
 
-# benchmarks.md §4.1, coarse id → fine ids, copied row by row from the table (not from the code).
+# docs/protocols.md §4.1, coarse id → fine ids, copied row by row from the table (not from the code).
 COARSE_TO_FINE = {
     0: [71, 72, 73, 74, 75, 76],
     1: [77, 78, 79, 80, 81, 82],

@@ -52,7 +52,7 @@ def tr_head(prefix, g):
 
 
 def published(tmp_path, variant, seed=0):
-    """Files in the published layout (checkpoints.md), random tensors of the right shapes."""
+    """Files in the published layout (docs/checkpoints.md), random tensors of the right shapes."""
     g = torch.Generator().manual_seed(seed)
     make = tr_head if variant == "tr" else mlp_head
     segment = {**make("head", g), **make("head_ema", g)}

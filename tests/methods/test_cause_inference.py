@@ -1,4 +1,4 @@
-"""CAUSE at test time: predictor, flip equivariance, CRF input, metric protocol (cause.md §8.9-8.10)."""
+"""CAUSE at test time: predictor, flip equivariance, CRF input, metric protocol (docs/methods/cause.md §8.9-8.10)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""CAUSE pure functions: shapes, grid sampling, VQ, modularity and contrastive loss (cause.md §8.1-8.5)."""
+"""CAUSE pure functions: shapes, grid sampling, VQ, modularity and contrastive loss (docs/methods/cause.md §8.1-8.5)."""
 
 from __future__ import annotations
 

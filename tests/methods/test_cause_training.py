@@ -1,5 +1,5 @@
 """CAUSE training: bank, EMA, Step 3 freezing, probe isolation, determinism, resume, end to end
-(cause.md §8.6-8.8, §8.11)."""
+(docs/methods/cause.md §8.6-8.8, §8.11)."""
 
 from __future__ import annotations
 

@@ -381,7 +381,7 @@ def test_precomputed_saliency_files(tmp_path):
 
 
 def test_vitb8_preset_has_the_reference_values():
-    # leopart.md §2.10 / the reference README: Leopart ViT-B/8 uses K_cd 109, markov time 0.4, wt 0.07
+    # docs/methods/leopart.md §2.10 / the reference README: Leopart ViT-B/8 uses K_cd 109, markov time 0.4, wt 0.07
     config = unsupseg.resolve_config("leopart", preset="voc21-vitb8")
     assert config.backbone.name == "dino_vitb8" and config.clusters == 21 and config.test.interpolation == "bilinear"
     assert (config.params["k_cd"], config.params["markov_time"], config.params["weight_threshold"]) == (109, 0.4, 0.07)

@@ -1,6 +1,6 @@
 """Image folders, benchmark datasets, label maps, offline crops and transforms.
 
-Labels are H x W int64 arrays with classes 0..C-1 and ignore = -1 (benchmarks.md §0).
+Labels are H x W int64 arrays with classes 0..C-1 and ignore = -1 (docs/protocols.md §0).
 """
 
 from unsupseg.data.crops import (

@@ -95,7 +95,7 @@ class SegDataset:
         return digest.hexdigest()
 
     def eval_preprocess(self, resolution: int, multiple: int = 1, interpolation: str | None = None) -> Preprocess:
-        """The test-time transform of this dataset's benchmark protocol (benchmarks.md §5.3).
+        """The test-time transform of this dataset's benchmark protocol (docs/protocols.md §5.3).
 
         ``interpolation`` replaces the protocol's image interpolation (labels are always resized
         nearest): VOC is squashed with nearest for CAUSE, but bilinear for Leopart."""
@@ -103,7 +103,7 @@ class SegDataset:
         return Preprocess(resolution, mode, interpolation or default, multiple)
 
     def train_preprocess(self, resolution: int, multiple: int = 1) -> Preprocess:
-        """The train-time transform of this dataset's benchmark protocol (benchmarks.md §5.2)."""
+        """The train-time transform of this dataset's benchmark protocol (docs/protocols.md §5.2)."""
         mode, interpolation = self.train_transform
         return Preprocess(resolution, mode, interpolation, multiple)
 

@@ -1,4 +1,4 @@
-"""Offline training crops (benchmarks.md §5.1): five / double / super crops written once to disk.
+"""Offline training crops (docs/protocols.md §5.1): five / double / super crops written once to disk.
 
 Geometry is torchvision's ``five_crop`` / ``ten_crop`` with crop size ``(int(r*H), int(r*W))``
 (not square), computed on the full-resolution image and label alike. Crop k of image i gets the
@@ -251,7 +251,8 @@ def _read_manifest(out_dir: Path) -> dict:
 
 def jpeg_roundtrip(image: Image.Image) -> Image.Image:
     """The pixels ``prepare_crops`` stores: the crop encoded as JPEG (PIL's default quality) and
-    decoded again, as the reference trains on its JPEG crop files (stego.md §7.4, cause.md §1.4)."""
+    decoded again, as the reference trains on its JPEG crop files (docs/methods/stego.md §10.4,
+    docs/methods/cause.md §1.4)."""
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG")
     buffer.seek(0)

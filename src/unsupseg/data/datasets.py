@@ -1,4 +1,4 @@
-"""Datasets: unlabelled image folders and the labelled benchmarks of benchmarks.md §3.
+"""Datasets: unlabelled image folders and the labelled benchmarks of docs/protocols.md §3.
 
 Every dataset is a ``SegDataset``: a sorted list of ids, ``ds[i] -> Sample`` (RGB image, int64
 label with ignore = -1, or None), a cheap ``fingerprint()`` of its files, and the test/train

@@ -1,6 +1,6 @@
 """Raw label values of each benchmark → class indices (ignore = -1), as numpy lookup tables.
 
-Sources: benchmarks.md §4 and cause.md §1.4. A map is either *lenient* (anything unexpected
+Sources: docs/protocols.md §4 and docs/methods/cause.md §1.4. A map is either *lenient* (anything unexpected
 becomes -1: Cityscapes, VOC, Potsdam, CamVid, as the reference code does) or *strict* (values
 that cannot occur in a valid annotation raise ``DataError``: the COCO maps, where the reference's
 zero-initialised output would silently turn an unknown id into class 0).
@@ -59,7 +59,7 @@ COCO27_CLASSES = (
     "ground", "plant", "sky", "solid", "structural", "water",
 )
 
-# Fine id (range) → coarse id, in the notation of cause.md §1.4 (STEGO's mapping). Unused ids
+# Fine id (range) → coarse id, in the notation of docs/methods/cause.md §1.4 (STEGO's mapping). Unused ids
 # keep the coarse class of their neighbours there, so COCO-27 maps every fine id 0-181.
 _COCO27_FINE_TO_COARSE = """
 0:9 1-8:11 9-14:8 15-24:7 25-32:6 33-42:10 43-50:5 51-60:2 61-70:3 71-76:0 77-82:1 83-90:4

@@ -1,4 +1,4 @@
-"""Deterministic test/train-time geometry: resize, center crop, to tensor (benchmarks.md §5.2-5.3).
+"""Deterministic test/train-time geometry: resize, center crop, to tensor (docs/protocols.md §5.2-5.3).
 
 Resizing is done by Pillow (as torchvision does for PIL images), so "nearest" reproduces the
 STEGO/CAUSE reference exactly and "bilinear" is antialiased. Labels are always resized nearest,

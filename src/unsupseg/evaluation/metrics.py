@@ -1,4 +1,4 @@
-"""Segmentation metrics of the unsupervised protocol (benchmarks.md section 6).
+"""Segmentation metrics of the unsupervised protocol (docs/protocols.md §6).
 
 A K x C confusion matrix (rows = predicted cluster, columns = true class) is accumulated over the
 whole split, then matched once: Hungarian one-to-one when every cluster can get its own class,
@@ -164,7 +164,7 @@ class LeopartScores:
 
 
 def leopart_score(confusion: ConfusionMatrix | np.ndarray, matching: str = "hungarian-iou") -> LeopartScores:
-    """Leopart's PredsmIoU on a K x C confusion matrix (spec leopart.md §2.9, §3.2).
+    """Leopart's PredsmIoU on a K x C confusion matrix (docs/methods/leopart.md §2.9, §3.2).
 
     ``hungarian-iou``: linear_sum_assignment on 1 - IoU (classes x clusters), clusters left without a
     class go to class 0. ``many-to-one-*``: each cluster to the class of its highest precision / IoU

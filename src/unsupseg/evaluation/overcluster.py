@@ -1,4 +1,4 @@
-"""Leopart's over-clustering evaluation of dense features (spec leopart.md §3.2, benchmarks.md §6.4).
+"""Leopart's over-clustering evaluation of dense features (docs/methods/leopart.md §3.2, docs/protocols.md §6.4).
 
 Tokens of every image of the split are standardised and reduced by PCA (fitted on those tokens:
 the protocol is transductive), clustered by L2 k-means into K clusters, the cluster maps

@@ -1,4 +1,4 @@
-"""Nearest-neighbour images in feature space (STEGO's "kNN" partners, stego.md §3.2).
+"""Nearest-neighbour images in feature space (STEGO's "kNN" partners, docs/methods/stego.md §3.2).
 
 Each image gets one global descriptor: its feature map averaged over all spatial positions, then
 L2-normalised. Neighbours are the images of highest cosine similarity, computed exactly in row and

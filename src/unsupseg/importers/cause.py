@@ -1,4 +1,4 @@
-"""Import the published CAUSE models (checkpoints.md) into a run directory.
+"""Import the published CAUSE models (docs/checkpoints.md) into a run directory.
 
 ``segment_{mlp|tr}.pth`` (student, teacher ``head_ema``, projections, linear probe; 1x1 convolutions
 as 4-d weights), ``cluster_{mlp|tr}.pth`` (``codebook`` K x D, ``cluster_probe`` C x r) and,
@@ -79,7 +79,7 @@ def import_cause(
 
     ``backbone`` names the backbone the files were trained on (e.g. ``dino_vits8``), its weights
     found as for ``fit`` or given by ``backbone_weights``; ``backbone_options`` e.g.
-    ``{"num_heads": 12}`` reproduces the reference's 12-head DINO ViT-S (cause.md §7.3).
+    ``{"num_heads": 12}`` reproduces the reference's 12-head DINO ViT-S (docs/methods/cause.md §7.3).
     TR runs get the test resolution of their query table (N_q = (R / p)²); other image shapes
     are covered by tiling windows of that size.
     """
@@ -114,7 +114,7 @@ def import_cause(
         state["grid"] = torch.tensor([side, side])
         resolution = side * net.stride
     else:
-        resolution = 322 if net.stride == 14 else 320  # cause.md §1.3 test resolutions
+        resolution = 322 if net.stride == 14 else 320  # docs/methods/cause.md §1.3 test resolutions
     reference = head_from_state(state, Params(), source=str(segment))  # strict load: shapes and keys
     if centroids.shape[1] != (reference.tr.f1 if tr else reference.f1).out_features:
         raise CheckpointError(f"{cluster}: 'cluster_probe' rows must have the head's output size, got {tuple(centroids.shape)}")

@@ -1,7 +1,7 @@
 """STEGO: distilling feature correspondences into a low-dimensional code (Hamilton et al., ICLR 2022).
 
 Follows the reference code (mhamilton723/STEGO, the code that trained the released checkpoints), see
-spec/stego.md:
+docs/methods/stego.md:
 
 * head (§2): ``code = cluster1(drop(f)) + cluster2(drop(f))`` with 1x1 convolutions, ``cluster2`` =
   conv D->D, ReLU, conv D->d; each branch draws its own Dropout2d mask, and the features the loss
@@ -172,7 +172,7 @@ def correlation_loss(
     perms: list[torch.Tensor],
     params: Params,
 ) -> dict[str, torch.Tensor]:
-    """STEGO's three terms (stego.md §4.5) for anchors (signal, code) and their kNN partners.
+    """STEGO's three terms (docs/methods/stego.md §4.5) for anchors (signal, code) and their kNN partners.
 
     ``coords1`` places the anchor points, ``coords2`` the partner points (kNN and random partners);
     ``perms`` are the derangements choosing each random partner from the batch. Returns the weighted

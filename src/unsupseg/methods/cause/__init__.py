@@ -1,5 +1,5 @@
 """CAUSE, "Causal Unsupervised Semantic Segmentation" (Kim, Lee, Ro; arXiv 2310.07379), MLP and TR
-heads (methods ``cause-mlp`` and ``cause-tr``), as specified in cause.md.
+heads (methods ``cause-mlp`` and ``cause-tr``), as specified in docs/methods/cause.md.
 
 ``losses`` (pure functions), ``heads`` (modules), ``bank`` (the concept ring buffer), ``trainer``
 (Steps 1-3 on the shared engine) and ``predictor`` (test time).

@@ -1,4 +1,4 @@
-"""The per-concept FIFO bank of teacher projections (cause.md §3.2), as one ring buffer.
+"""The per-concept FIFO bank of teacher projections (docs/methods/cause.md §3.2), as one ring buffer.
 
 The reference keeps a Python list per concept and concatenates them all every step (quadratic
 copying). Here the bank is a preallocated K x capacity x P tensor with a write pointer and a length

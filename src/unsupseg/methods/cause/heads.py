@@ -1,4 +1,4 @@
-"""CAUSE heads (cause.md §3.1): the two-branch projection Π, the MLP and TR segmentation heads, the
+"""CAUSE heads (docs/methods/cause.md §3.1): the two-branch projection Π, the MLP and TR segmentation heads, the
 projection g, and the EMA update. Module and parameter names follow the reference
 (``f1``, ``f2.0``, ``f2.2``, ``query_pos``, ``tr.self_attn`` ...) so published files map 1:1 (its
 1x1 convolutions are per-token linears here).
@@ -104,7 +104,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
 
 
 def make_teacher(student: nn.Module) -> nn.Module:
-    """An exact, gradient-free copy of ``student`` (cause.md §7.10)."""
+    """An exact, gradient-free copy of ``student`` (docs/methods/cause.md §7.10)."""
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
     return teacher

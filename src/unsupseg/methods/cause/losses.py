@@ -1,4 +1,4 @@
-"""Pure functions of CAUSE (cause.md §2-§3): grid sub-sampling, vector quantisation, the modularity
+"""Pure functions of CAUSE (docs/methods/cause.md §2-§3): grid sub-sampling, vector quantisation, the modularity
 loss and the concept-wise contrastive loss. No state, no training loop.
 
 Token tensors are B x N x F with the N = h*w tokens of a map in row-major order.
@@ -176,7 +176,7 @@ def front_door_terms(
     pos_threshold: float = 0.3,
     neg_threshold: float = 0.1,
 ) -> tuple[Tensor, Tensor]:
-    """The list [L_in(1), L_bank(1), ..., L_in(B), L_bank(B)] of cause.md §3.2, batched.
+    """The list [L_in(1), L_bank(1), ..., L_in(B), L_bank(B)] of docs/methods/cause.md §3.2, batched.
 
     z_student: B x n x P anchors (student projections); z_teacher: M x P in-batch candidates (all
     sampled tokens of the global batch, teacher projections, constants); anchor_concepts B x n and

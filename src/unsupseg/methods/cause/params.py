@@ -1,4 +1,4 @@
-"""The ``params:`` section of a CAUSE run (cause.md; defaults are the reference's CAUSE-MLP values on
+"""The ``params:`` section of a CAUSE run (docs/methods/cause.md; defaults are the reference's CAUSE-MLP values on
 COCO-Stuff-27, the presets set the per-variant and per-dataset ones)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""CAUSE at test time (cause.md §5): embed = teacher head h_t, classify = cosine to the centroids Φ.
+"""CAUSE at test time (docs/methods/cause.md §5): embed = teacher head h_t, classify = cosine to the centroids Φ.
 
 Run state (from ``fit`` or the importer): ``head_ema.*`` (the teacher head's state dict),
 ``cluster_probe`` (C x r), ``codebook`` (K x D), ``grid`` (TR only: the h, w token grid it was

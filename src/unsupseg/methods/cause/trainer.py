@@ -308,7 +308,7 @@ def front_door_stage(
         loss = loss_front + loss_probe
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if params.reference_clip:  # cause.md §3.2: one norm over head, projection and probe
+        if params.reference_clip:  # docs/methods/cause.md §3.2: one norm over head, projection and probe
             _clip(student.parameters(), params.grad_clip)
         else:  # apart: under a joint norm the probe's (supervised) gradient would scale the head's update
             _clip(list(student.head.parameters()) + list(student.projection.parameters()), params.grad_clip)
