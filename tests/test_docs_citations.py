@@ -116,3 +116,28 @@ def test_planted_bad_citations_fail(tmp_path):
         "src/mod.py:4: cites docs/methods/cause.md §8.3, which it does not have",
         "src/mod.py:5: cites ../shared/spec/stego.md, which the repository does not hold",
     ]
+
+
+
+# words about how the project is made, which a user's documentation has no use for
+INTERNAL = re.compile(r"\b(sessions?|rounds?|lent)\b|\.\./shared", re.IGNORECASE)
+
+
+def internal_words(root: Path, paths: list[Path]) -> list[str]:
+    return [f"{path.relative_to(root).as_posix()}:{number}: {match.group(0)}"
+            for path in paths for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+            for match in INTERNAL.finditer(line)]
+
+
+def test_readme_is_short_and_docs_speak_to_users():
+    readme = ROOT / "README.md"
+    assert len(readme.read_text(encoding="utf-8").splitlines()) < 200
+    assert internal_words(ROOT, [readme, *sorted((ROOT / "docs").rglob("*.md"))]) == []
+
+
+def test_internal_words_are_found(tmp_path):
+    page = tmp_path / "x.md"
+    page.write_text("Fits ran over six Sessions.\nThe previous round.\nNo GPU was lent.\nData: ../shared/data\n"
+                    "Rounded, rounding, talent, shared: fine.\n")
+    assert internal_words(tmp_path, [page]) == ["x.md:1: Sessions", "x.md:2: round", "x.md:3: lent",
+                                                "x.md:4: ../shared"]
