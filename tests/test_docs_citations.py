@@ -103,18 +103,19 @@ def test_good_citations_pass(tmp_path):
 
 
 def test_planted_bad_citations_fail(tmp_path):
-    text = ("# the old bare name: cause.md §3.2\n"
+    # the old names are split across string literals here, so that rewriting citations leaves them alone
+    text = ("# the old bare name: " "cause.md §3.2\n"
             "# a missing section: docs/methods/cause.md §4.2\n"
             "# the end of a range: docs/methods/cause.md §7.1-7.3\n"
             "# an item under an unnumbered heading: docs/methods/cause.md §7.2, §8.3\n"
-            "# outside the tree: ../shared/spec/stego.md\n"
+            "# outside the tree: ../shared/spec/" "stego.md\n"
             "# a URL is not a citation: https://github.com/owner/repo/blob/main/missing.md\n")
     assert bad_citations(_tree(tmp_path, text)) == [
-        "src/mod.py:1: cites cause.md, which the repository does not hold",
+        "src/mod.py:1: cites " "cause.md, which the repository does not hold",
         "src/mod.py:2: cites docs/methods/cause.md §4.2, which it does not have",
         "src/mod.py:3: cites docs/methods/cause.md §7.3, which it does not have",
         "src/mod.py:4: cites docs/methods/cause.md §8.3, which it does not have",
-        "src/mod.py:5: cites ../shared/spec/stego.md, which the repository does not hold",
+        "src/mod.py:5: cites ../shared/spec/" "stego.md, which the repository does not hold",
     ]
 
 
