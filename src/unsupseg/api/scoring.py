@@ -1,0 +1,277 @@
+"""``evaluate``: a run scored on a labelled split (matching protocols, linear probe, over-clustering,
+Leopart's reference protocol)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import __version__, rundir
+from .._io import atomic_write_text, check_writable_file
+from .._progress import track
+from ..data import build_dataset
+from ..errors import ConfigError
+from ..evaluation.metrics import PROTOCOLS, ConfusionMatrix, PerImageHungarian, leopart_score, score
+from ..features.extract import extract_features
+from ..methods import get_method
+from ..methods.base import LinearProbe
+from .resolve import _method_params
+from .segmenter import Segmenter, load
+
+PROBES = ("clusters", "linear")
+
+
+def linear_probe_segmenter(seg: Segmenter, state: dict[str, torch.Tensor] | None = None) -> Segmenter:
+    """The Segmenter of a run's supervised linear probe: the method's embedding, then the probe's
+    class logits (softmax of the logits themselves: alpha 1), for scoring with the identity mapping.
+    ``state``: the run state (default: read from the Segmenter's run directory)."""
+    import dataclasses
+
+    config = seg.config
+    keys = getattr(get_method(config.method), "LINEAR_PROBE", None)
+    if state is None:
+        state = rundir.load(seg.path).state if seg.path is not None else {}
+    if keys is None or not all(k in state for k in keys):
+        has = "this method has no linear probe" if keys is None else (
+            "the run holds no linear probe (it is trained only when the training data has labels)")
+        raise ConfigError(f"--probe linear: {has}")
+    weight, bias = (state[k] for k in keys)
+    probe = LinearProbe(seg.predictor, weight, bias)
+    probe_config = dataclasses.replace(config, clusters=int(weight.shape[0]), test=dataclasses.replace(config.test, alpha=1.0))
+    return Segmenter(probe_config, seg.backbone, probe, seg.device, seg.path)
+
+
+def _protocols(matching: str | Sequence[str] | None, num_clusters: int, num_classes: int) -> list[str]:
+    """The evaluation protocols asked for, in order, without repeats ("all": every one; "hungarian":
+    the dataset-wide one). Default: dataset-wide Hungarian, many-to-one when K > C as before."""
+    if matching is None or matching == [] or matching == ():
+        return ["dataset" if num_clusters <= num_classes else "many-to-one"]
+    asked = [matching] if isinstance(matching, str) else list(matching)
+    out: list[str] = []
+    for name in asked:
+        names = list(PROTOCOLS) if name == "all" else ["dataset" if name == "hungarian" else name]
+        for n in names:
+            if n not in PROTOCOLS:
+                raise ConfigError(f"unknown matching {name!r}; choose from {', '.join(PROTOCOLS)} or all")
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def evaluate(
+    run: str | os.PathLike | Segmenter,
+    *,
+    dataset: str,
+    root: str | os.PathLike,
+    split: str = "val",
+    crf: bool | None = None,
+    flip: bool | None = None,
+    matching: str | Sequence[str] | None = None,
+    probe: str = "clusters",
+    run_protocol: bool = True,
+    json_path: str | os.PathLike | None = None,
+    batch_size: int | None = None,
+    precision: str | None = None,
+) -> dict:
+    """Score a run on a labelled split under one or more protocols (``matching``: "dataset",
+    "per-image", "many-to-one", a list of them or "all"; see ``evaluation.metrics``), all from one
+    pass over the split.
+
+    The top-level pixel_accuracy / miou / per_class_iou are those of the first protocol
+    (``matching`` names it); ``protocols`` holds every one. ``mapping`` (cluster -> class, for the
+    report's colours) is that of the first dataset-level protocol, else of the dataset-wide
+    Hungarian matching.
+
+    ``probe="linear"`` scores the run's supervised linear probe instead of its clusters (STEGO,
+    CAUSE), with the identity mapping. A Leopart run fitted with ``params.protocol=reference`` is
+    scored by the reference's protocol (``evaluate_leopart_reference``) unless ``run_protocol`` is
+    False: then its predictions (as ``segment`` makes them) are scored like any run's.
+
+    Images of the same size are scored ``batch_size`` at a time (default: the run's ``batch_size`` on
+    a GPU, 1 on CPU; see ``Segmenter.batch_size``). ``precision`` (auto | bf16 | fp32) applies when
+    ``run`` is a path.
+    """
+    if json_path is not None:
+        check_writable_file(json_path, "--json file")
+    seg = run if isinstance(run, Segmenter) else load(run, precision=precision)
+    config = seg.config
+    if probe not in PROBES:
+        raise ConfigError(f"probe must be one of {', '.join(PROBES)}, got {probe!r}")
+    if run_protocol and probe == "clusters" and config.method == "leopart" and _method_params(config).protocol == "reference":
+        return evaluate_leopart_reference(seg, dataset=dataset, root=root, split=split, json_path=json_path)
+    crf = config.test.crf if crf is None else crf
+    flip = config.test.flip if flip is None else flip
+    data = build_dataset(dataset, str(root), split)
+    if data.num_classes is None:
+        raise ConfigError(f"dataset {dataset!r} split {split!r} has no labels to evaluate against")
+    if probe == "linear":
+        if matching:
+            raise ConfigError("--probe linear predicts the classes themselves (identity mapping): leave out --matching")
+        seg = linear_probe_segmenter(seg)
+        if seg.num_clusters != data.num_classes:
+            raise ConfigError(f"the linear probe predicts {seg.num_clusters} classes but {dataset} has {data.num_classes}")
+        protocols = ["identity"]
+    else:
+        protocols = _protocols(matching, seg.num_clusters, data.num_classes)
+    prep = seg.eval_preprocess(data)
+    kwargs = dict(cache_dir=config.cache_dir, batch_size=config.batch_size, strict=True)
+    store = extract_features(seg.backbone, data, prep, description=f"{split} features", **kwargs)
+    flipped = extract_features(seg.backbone, data, prep, flip=True, description=f"{split} flipped", **kwargs) if flip else None
+    confusion = ConfusionMatrix(seg.num_clusters, data.num_classes)
+    per_image = PerImageHungarian(data.num_classes)
+    chunks = same_shape_chunks(store, batch_size or seg.batch_size)
+    for chunk in track(chunks, len(chunks), f"evaluating {dataset}/{split}"):
+        labels = store.labels(chunk)
+        scores = seg.scores(store.batch(chunk), flipped.batch(chunk) if flipped is not None else None,
+                            tuple(labels.shape[-2:]))
+        images = torch.stack([prep.apply(data[i].image)[0] for i in chunk]) if crf else None
+        probs = seg._finish(scores, images, crf)
+        for pred, label in zip(probs.argmax(1), labels):
+            per_image.add(confusion.update(pred, label))
+    matchings = {"dataset": "hungarian", "many-to-one": "many-to-one", "identity": "identity"}
+    results = {name: per_image.scores() if name == "per-image" else score(confusion, matchings[name]) for name in protocols}
+    mapping_from = next((n for n in protocols if n != "per-image"), "dataset")
+    colours = results.get(mapping_from) or score(confusion, "hungarian")
+    first = results[protocols[0]].to_dict(data.classes)
+    report = {
+        **first,
+        "matching": protocols[0],
+        "mapping": colours.mapping,
+        "mapping_from": mapping_from,
+        "protocols": {name: {k: v for k, v in r.to_dict(data.classes).items() if k not in ("matching", "mapping")}
+                      for name, r in results.items()},
+        "n_images": len(store),
+        "dataset": dataset,
+        "split": split,
+        "crf": crf,
+        "flip": flip,
+        "probe": probe,
+        "num_clusters": seg.num_clusters,
+        "confusion": confusion.matrix.tolist(),
+        "unsupseg_version": __version__,
+    }
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(report, indent=2))
+    if seg.path is not None:
+        key = f"metrics_{dataset}_{split}{'_linear' if probe == 'linear' else ''}{'_crf' if crf else ''}"
+        rundir.update_meta(seg.path, **{key: {
+            "pixel_accuracy": report["pixel_accuracy"], "miou": report["miou"], "matching": protocols[0],
+            "protocols": {name: {k: p[k] for k in ("pixel_accuracy", "miou")} for name, p in report["protocols"].items()}}})
+    return report
+
+
+def evaluate_leopart_reference(
+    run: str | os.PathLike | Segmenter,
+    *,
+    dataset: str,
+    root: str | os.PathLike,
+    split: str = "val",
+    json_path: str | os.PathLike | None = None,
+) -> dict:
+    """Leopart's fully unsupervised protocol (spec leopart.md §2.8-2.9) on a run fitted with
+    ``params.protocol=reference``: the split's labels at map_size x map_size (its own foreground
+    clusters, nearest-replicated pixels), one community table per Infomap seed, ground truth
+    nearest-resized to map_size, Leopart's IoU-based Hungarian matching; mean and population std
+    over the seeds (percent)."""
+    seg = run if isinstance(run, Segmenter) else load(run)
+    params = _method_params(seg.config)
+    if split != params.eval_split:
+        raise ConfigError(f"this run clustered {params.eval_split!r} together with its training data "
+                          f"(params.protocol=reference); evaluate --split {params.eval_split}")
+    data = build_dataset(dataset, str(root), split)
+    if data.num_classes is None:
+        raise ConfigError(f"dataset {dataset!r} split {split!r} has no labels to evaluate against")
+    prep = seg.eval_preprocess(data)
+    store = extract_features(seg.backbone, data, prep, cache_dir=seg.config.cache_dir, batch_size=seg.config.batch_size,
+                             strict=True, description=f"{split} features")
+    size = params.map_size
+    confusions = None
+    for i in track(range(len(store)), len(store), f"evaluating {dataset}/{split} (Leopart reference protocol)"):
+        maps = seg.predictor.reference_label_maps(store[i], seg.backbone.stride, size)
+        label = F.interpolate(store.label(i)[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
+        if confusions is None:
+            confusions = [ConfusionMatrix(seg.num_clusters, data.num_classes) for _ in range(len(maps))]
+        for confusion, labels in zip(confusions, maps):
+            confusion.update(labels, label)
+    runs = [leopart_score(c, "hungarian-iou") for c in confusions]
+    miou = np.array([100 * r.miou for r in runs])
+    accuracy = np.array([100 * r.pixel_accuracy for r in runs])
+    report = {
+        "protocol": "leopart-reference",
+        "matching": "hungarian-iou",
+        "map_size": size,
+        "dataset": dataset,
+        "split": split,
+        "n_images": len(store),
+        "num_clusters": seg.num_clusters,
+        "seeds": list(range(1, len(runs) + 1)),
+        "miou": float(miou.mean()),
+        "miou_std": float(miou.std()),
+        "pixel_accuracy": float(accuracy.mean()),
+        "pixel_accuracy_std": float(accuracy.std()),
+        "per_seed": [{"seed": k + 1, "miou": float(m), "pixel_accuracy": float(a)}
+                     for k, (m, a) in enumerate(zip(miou, accuracy))],
+        "per_class_iou": {name: round(float(100 * np.mean([r.iou[c] for r in runs])), 4)
+                          for c, name in enumerate(data.classes)},
+        "unsupseg_version": __version__,
+    }
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(report, indent=2))
+    if seg.path is not None:
+        rundir.update_meta(seg.path, **{f"metrics_{dataset}_{split}_reference": {
+            "pixel_accuracy": report["pixel_accuracy"], "miou": report["miou"], "miou_std": report["miou_std"]}})
+    return report
+
+
+def same_shape_chunks(store, batch_size: int) -> list[list[int]]:
+    """The store's indices in order, cut into runs of at most ``batch_size`` consecutive images with
+    the same feature and label shapes (one forward each)."""
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    chunks: list[list[int]] = []
+    key = None
+    for i in range(len(store)):
+        shape = (store.shapes[i], store.label_shapes[i] if store.label_shapes is not None else None)
+        if chunks and shape == key and len(chunks[-1]) < batch_size:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+            key = shape
+    return chunks
+
+
+def evaluate_overcluster(
+    run: str | os.PathLike | Segmenter,
+    *,
+    dataset: str,
+    root: str | os.PathLike,
+    split: str = "val",
+    ks: Sequence[int] = (100, 300, 500),
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    json_path: str | os.PathLike | None = None,
+) -> dict:
+    """Over-clustering protocol (Leopart, benchmarks.md 6.4) on the run's backbone features of a split:
+    standardise, PCA 50, k-means with each K, many-to-one matching; mean and std over seeds."""
+    from ..evaluation.overcluster import overcluster_scores
+
+    if json_path is not None:
+        check_writable_file(json_path, "--json file")
+    seg = run if isinstance(run, Segmenter) else load(run)
+    data = build_dataset(dataset, str(root), split)
+    if data.num_classes is None:
+        raise ConfigError(f"dataset {dataset!r} split {split!r} has no labels to evaluate against")
+    prep = seg.eval_preprocess(data)
+    store = extract_features(seg.backbone, data, prep, cache_dir=seg.config.cache_dir,
+                             batch_size=seg.config.batch_size, strict=True, description=f"{split} features")
+    labels = [store.label(i) for i in range(len(store))]
+    results = {int(k): overcluster_scores(store, labels, data.num_classes, int(k), seeds=seeds) for k in ks}
+    report = {"dataset": dataset, "split": split, "n_images": len(store), "backbone": seg.backbone.name,
+              "matching": "many-to-one", "results": results}
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(report, indent=2, default=float))
+    return report
