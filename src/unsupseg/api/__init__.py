@@ -8,6 +8,7 @@ The CLI is a thin layer over these functions. One module per seam: ``resolve`` (
 from __future__ import annotations
 
 from .. import rundir
+from .method_protocols import METHOD_PROTOCOLS, evaluate_leopart_reference
 from .outputs import (
     SEGMENT_RECORD,
     OutputItem,
@@ -19,24 +20,33 @@ from .outputs import (
 )
 from .resolve import (
     AUTO,
-    _method_params,
     _train_preprocess,
     build_train_dataset,
     choose_clusters,
     fit_config,
+    fit_run,
     min_clusters,
     resolve_config,
+    resolve_method,
+    resolve_run,
 )
 from .scoring import (
     PROBES,
     _protocols,
     evaluate,
-    evaluate_leopart_reference,
     evaluate_overcluster,
     linear_probe_segmenter,
     same_shape_chunks,
 )
-from .segmenter import LONG_SIDE_FACTOR, PREDICT_ERRORS, Prediction, Segmenter, check_max_pixels, load, tiled_embed
+from .segmenter import (
+    LONG_SIDE_FACTOR,
+    PREDICT_ERRORS,
+    Prediction,
+    Segmenter,
+    check_max_pixels,
+    load,
+    tiled_embed,
+)
 from .training import fit, plan
 
 __all__ = ["Segmenter", "evaluate", "fit", "fit_config", "load", "plan", "resolve_config", "segment"]

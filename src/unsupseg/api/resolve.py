@@ -7,6 +7,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -24,6 +25,7 @@ from ..config import (
 from ..data import CroppedDataset, CropView, ImageFolder, Preprocess, build_dataset
 from ..errors import ConfigError
 from ..methods import get_method
+from ..methods.base import Method
 
 
 def resolve_config(
@@ -40,34 +42,46 @@ def resolve_config(
     values are ignored. When no preset is named, the method's preset for the dataset is used if one
     ships with the package (``presets/<method>/<dataset>.yaml``), else ``presets/<method>/default.yaml``.
     """
+    return resolve_run(method, preset=preset, config_file=config_file, overrides=overrides, **fields)[0]
+
+
+def resolve_run(
+    method: str | None = None,
+    *,
+    preset: str | None = None,
+    config_file: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    **fields,
+) -> tuple[RunConfig, Method, Any]:
+    """``resolve_config``, with the method and its typed Params it resolved on the way."""
     data: dict = {}
     if config_file is not None:
         from ..config import load_yaml
 
         data = load_yaml(config_file)
-    method = method or data.get("method") or "kmeans"
-    get_method(method)
+    name = method or data.get("method") or "kmeans"
+    impl = get_method(name)
     dataset = fields.get("data.dataset") or data.get("data", {}).get("dataset")
     if preset is None:
-        if dataset and has_preset(method, dataset):
+        if dataset and has_preset(name, dataset):
             preset = dataset
-        elif has_preset(method, "default"):
+        elif has_preset(name, "default"):
             preset = "default"
-    base = load_preset(method, preset) if preset else {}
-    merged = merge(merge(base, data), {"method": method})
+    base = load_preset(name, preset) if preset else {}
+    merged = merge(merge(base, data), {"method": name})
     explicit = [f"{key}={json.dumps(value)}" for key, value in fields.items() if value is not None]
     merged = apply_overrides(merged, explicit + list(overrides))
     config = from_dict(RunConfig, merged)
-    check_clusters(config.clusters, min_clusters(method))
+    check_clusters(config.clusters, impl.MIN_CLUSTERS)
     # the method's own dataclass checks the params section (unknown keys name the closest one)
-    params = from_dict(get_method(method).Params, config.params, "params")
+    params = impl.parse_params(config.params)
     config.params = to_dict(params)
     _check_auto_clusters(config)
-    return config
+    return config, impl, params
 
 
 def min_clusters(method: str) -> int:
-    return getattr(get_method(method), "MIN_CLUSTERS", 1)
+    return get_method(method).MIN_CLUSTERS
 
 
 def _absolute_paths(config: RunConfig) -> None:
@@ -119,8 +133,10 @@ def choose_clusters(config: RunConfig, store, log: Callable[[str], None]):
     return result
 
 
-def _method_params(config: RunConfig):
-    return from_dict(get_method(config.method).Params, config.params, "params")
+def resolve_method(config: RunConfig) -> tuple[Method, Any]:
+    """The method a config names and its typed Params."""
+    method = get_method(config.method)
+    return method, method.parse_params(config.params)
 
 
 def build_train_dataset(config: RunConfig):
@@ -152,7 +168,7 @@ def _train_preprocess(config: RunConfig, stride: int, resolution: int | None = N
 
 
 
-def fit_config(
+def fit_run(
     method: str | None = None,
     *,
     backbone: str | None = None,
@@ -165,9 +181,9 @@ def fit_config(
     preset: str | None = None,
     config_file: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
-) -> RunConfig:
-    """The resolved config of a ``fit`` call with these arguments."""
-    return resolve_config(
+) -> tuple[RunConfig, Method, Any]:
+    """The resolved config of a ``fit`` call with these arguments, its method and typed Params."""
+    return resolve_run(
         method,
         preset=preset,
         config_file=config_file,
@@ -182,3 +198,8 @@ def fit_config(
             "clusters": clusters,
         },
     )
+
+
+def fit_config(method: str | None = None, **arguments) -> RunConfig:
+    """The resolved config of a ``fit`` call with these (keyword) arguments."""
+    return fit_run(method, **arguments)[0]

@@ -7,20 +7,17 @@ import json
 import os
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import __version__, rundir
 from .._io import atomic_write_text, check_writable_file
 from .._progress import track
 from ..data import build_dataset
 from ..errors import ConfigError
-from ..evaluation.metrics import PROTOCOLS, ConfusionMatrix, PerImageHungarian, leopart_score, score
+from ..evaluation.metrics import PROTOCOLS, ConfusionMatrix, PerImageHungarian, score
 from ..features.extract import extract_features
-from ..methods import get_method
 from ..methods.base import LinearProbe
-from .resolve import _method_params
+from .method_protocols import METHOD_PROTOCOLS
 from .segmenter import Segmenter, load
 
 PROBES = ("clusters", "linear")
@@ -33,7 +30,7 @@ def linear_probe_segmenter(seg: Segmenter, state: dict[str, torch.Tensor] | None
     import dataclasses
 
     config = seg.config
-    keys = getattr(get_method(config.method), "LINEAR_PROBE", None)
+    keys = seg.method.LINEAR_PROBE
     if state is None:
         state = rundir.load(seg.path).state if seg.path is not None else {}
     if keys is None or not all(k in state for k in keys):
@@ -43,7 +40,7 @@ def linear_probe_segmenter(seg: Segmenter, state: dict[str, torch.Tensor] | None
     weight, bias = (state[k] for k in keys)
     probe = LinearProbe(seg.predictor, weight, bias)
     probe_config = dataclasses.replace(config, clusters=int(weight.shape[0]), test=dataclasses.replace(config.test, alpha=1.0))
-    return Segmenter(probe_config, seg.backbone, probe, seg.device, seg.path)
+    return Segmenter(probe_config, seg.backbone, probe, seg.device, seg.path, resolved=(seg.method, seg.params))
 
 
 def _protocols(matching: str | Sequence[str] | None, num_clusters: int, num_classes: int) -> list[str]:
@@ -88,9 +85,10 @@ def evaluate(
     Hungarian matching.
 
     ``probe="linear"`` scores the run's supervised linear probe instead of its clusters (STEGO,
-    CAUSE), with the identity mapping. A Leopart run fitted with ``params.protocol=reference`` is
-    scored by the reference's protocol (``evaluate_leopart_reference``) unless ``run_protocol`` is
-    False: then its predictions (as ``segment`` makes them) are scored like any run's.
+    CAUSE), with the identity mapping. A run whose method declares a protocol of its own
+    (``Method.evaluation_protocol``; Leopart fitted with ``params.protocol=reference``: the reference's,
+    ``evaluate_leopart_reference``) is scored by it unless ``run_protocol`` is False: then its
+    predictions (as ``segment`` makes them) are scored like any run's.
 
     Images of the same size are scored ``batch_size`` at a time (default: the run's ``batch_size`` on
     a GPU, 1 on CPU; see ``Segmenter.batch_size``). ``precision`` (auto | bf16 | fp32) applies when
@@ -102,8 +100,9 @@ def evaluate(
     config = seg.config
     if probe not in PROBES:
         raise ConfigError(f"probe must be one of {', '.join(PROBES)}, got {probe!r}")
-    if run_protocol and probe == "clusters" and config.method == "leopart" and _method_params(config).protocol == "reference":
-        return evaluate_leopart_reference(seg, dataset=dataset, root=root, split=split, json_path=json_path)
+    own = seg.method.evaluation_protocol(seg.params)
+    if run_protocol and probe == "clusters" and own is not None:
+        return METHOD_PROTOCOLS[own](seg, dataset=dataset, root=root, split=split, json_path=json_path)
     crf = config.test.crf if crf is None else crf
     flip = config.test.flip if flip is None else flip
     data = build_dataset(dataset, str(root), split)
@@ -162,69 +161,6 @@ def evaluate(
         rundir.update_meta(seg.path, **{key: {
             "pixel_accuracy": report["pixel_accuracy"], "miou": report["miou"], "matching": protocols[0],
             "protocols": {name: {k: p[k] for k in ("pixel_accuracy", "miou")} for name, p in report["protocols"].items()}}})
-    return report
-
-
-def evaluate_leopart_reference(
-    run: str | os.PathLike | Segmenter,
-    *,
-    dataset: str,
-    root: str | os.PathLike,
-    split: str = "val",
-    json_path: str | os.PathLike | None = None,
-) -> dict:
-    """Leopart's fully unsupervised protocol (spec leopart.md §2.8-2.9) on a run fitted with
-    ``params.protocol=reference``: the split's labels at map_size x map_size (its own foreground
-    clusters, nearest-replicated pixels), one community table per Infomap seed, ground truth
-    nearest-resized to map_size, Leopart's IoU-based Hungarian matching; mean and population std
-    over the seeds (percent)."""
-    seg = run if isinstance(run, Segmenter) else load(run)
-    params = _method_params(seg.config)
-    if split != params.eval_split:
-        raise ConfigError(f"this run clustered {params.eval_split!r} together with its training data "
-                          f"(params.protocol=reference); evaluate --split {params.eval_split}")
-    data = build_dataset(dataset, str(root), split)
-    if data.num_classes is None:
-        raise ConfigError(f"dataset {dataset!r} split {split!r} has no labels to evaluate against")
-    prep = seg.eval_preprocess(data)
-    store = extract_features(seg.backbone, data, prep, cache_dir=seg.config.cache_dir, batch_size=seg.config.batch_size,
-                             strict=True, description=f"{split} features")
-    size = params.map_size
-    confusions = None
-    for i in track(range(len(store)), len(store), f"evaluating {dataset}/{split} (Leopart reference protocol)"):
-        maps = seg.predictor.reference_label_maps(store[i], seg.backbone.stride, size)
-        label = F.interpolate(store.label(i)[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
-        if confusions is None:
-            confusions = [ConfusionMatrix(seg.num_clusters, data.num_classes) for _ in range(len(maps))]
-        for confusion, labels in zip(confusions, maps):
-            confusion.update(labels, label)
-    runs = [leopart_score(c, "hungarian-iou") for c in confusions]
-    miou = np.array([100 * r.miou for r in runs])
-    accuracy = np.array([100 * r.pixel_accuracy for r in runs])
-    report = {
-        "protocol": "leopart-reference",
-        "matching": "hungarian-iou",
-        "map_size": size,
-        "dataset": dataset,
-        "split": split,
-        "n_images": len(store),
-        "num_clusters": seg.num_clusters,
-        "seeds": list(range(1, len(runs) + 1)),
-        "miou": float(miou.mean()),
-        "miou_std": float(miou.std()),
-        "pixel_accuracy": float(accuracy.mean()),
-        "pixel_accuracy_std": float(accuracy.std()),
-        "per_seed": [{"seed": k + 1, "miou": float(m), "pixel_accuracy": float(a)}
-                     for k, (m, a) in enumerate(zip(miou, accuracy))],
-        "per_class_iou": {name: round(float(100 * np.mean([r.iou[c] for r in runs])), 4)
-                          for c, name in enumerate(data.classes)},
-        "unsupseg_version": __version__,
-    }
-    if json_path is not None:
-        atomic_write_text(json_path, json.dumps(report, indent=2))
-    if seg.path is not None:
-        rundir.update_meta(seg.path, **{f"metrics_{dataset}_{split}_reference": {
-            "pixel_accuracy": report["pixel_accuracy"], "miou": report["miou"], "miou_std": report["miou_std"]}})
     return report
 
 

@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,9 +23,8 @@ from ..data import Preprocess, load_image
 from ..data.images import DEFAULT_MAX_PIXELS, DataWarning, to_rgb
 from ..engine import autocast, init_distributed, resolve_precision
 from ..errors import ConfigError, RunDirError
-from ..methods import get_method
-from ..methods.base import Predictor, PredictorInfo
-from .resolve import _method_params
+from ..methods.base import Method, Predictor, PredictorInfo
+from .resolve import resolve_method
 
 # A photo's longer side is processed at most this many times the test resolution (see model_input).
 LONG_SIDE_FACTOR = 8
@@ -51,12 +51,14 @@ class Segmenter:
 
     ``precision`` (auto | bf16 | fp32, default the run's ``precision``): the backbone and head run in
     bf16 autocast when it resolves to bf16 (auto: on a CUDA device); the CRF and the softmax before
-    it always run in float32.
+    it always run in float32. ``method`` and ``params``: the run's method and typed Params (``resolved``:
+    that pair when the caller holds it already).
     """
 
     def __init__(self, config: RunConfig, backbone, predictor: Predictor, device: torch.device, path: Path | None = None,
-                 precision: str | None = None):
+                 precision: str | None = None, resolved: tuple[Method, Any] | None = None):
         self.config = config
+        self.method, self.params = resolved or resolve_method(config)
         self.backbone = backbone
         self.predictor = predictor.to(device).eval()
         self.device = device
@@ -64,8 +66,10 @@ class Segmenter:
         self.precision = resolve_precision(precision or config.precision, device)
 
     @classmethod
-    def from_run(cls, run: rundir.Run, backbone=None, device: str | None = None, precision: str | None = None) -> "Segmenter":
+    def from_run(cls, run: rundir.Run, backbone=None, device: str | None = None, precision: str | None = None,
+                 resolved: tuple[Method, Any] | None = None) -> "Segmenter":
         config = run.config
+        method, params = resolved or resolve_method(config)
         dev = init_distributed(device or config.device).device
         if backbone is None:
             backbone = build_backbone(config.backbone.name, config.backbone.weights, device=dev, **config.backbone.options)
@@ -75,16 +79,15 @@ class Segmenter:
                 f"({backbone.weights_id} vs {run.meta.get('backbone_weights_id')})",
                 stacklevel=2,
             )
-        module = get_method(config.method)
         info = PredictorInfo(num_clusters=config.clusters, feature_dim=backbone.dim, stride=backbone.stride)
         try:
-            predictor = module.build_predictor(_method_params(config), run.state, info)
+            predictor = method.build_predictor(params, run.state, info)
         except KeyError as err:
             raise RunDirError(
                 f"{run.path / rundir.WEIGHTS} does not hold a {config.method} model (no {err} tensor): "
                 "the weights belong to another method or run"
             ) from None
-        return cls(config, backbone, predictor, dev, run.path, precision)
+        return cls(config, backbone, predictor, dev, run.path, precision, (method, params))
 
     @property
     def num_clusters(self) -> int:

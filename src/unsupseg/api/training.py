@@ -21,17 +21,16 @@ from ..data import CropView
 from ..engine import init_distributed
 from ..errors import ConfigError
 from ..features.source import open_features
-from ..methods import get_method
-from ..methods.base import FitContext
+from ..methods.base import FitContext, Method
 from .resolve import (
     AUTO,
     _absolute_paths,
     _check_cache_dir,
-    _method_params,
     _train_preprocess,
     build_train_dataset,
     choose_clusters,
-    fit_config,
+    fit_run,
+    resolve_method,
 )
 from .segmenter import Segmenter
 
@@ -62,9 +61,9 @@ def fit(
     leaves nothing behind.
     """
     log = log or (lambda msg: console.print(msg))
-    config = fit_config(method, backbone=backbone, backbone_weights=backbone_weights, images=images, dataset=dataset,
-                        root=root, split=split, clusters=clusters, preset=preset, config_file=config_file,
-                        overrides=overrides)
+    config, impl, params = fit_run(method, backbone=backbone, backbone_weights=backbone_weights, images=images,
+                                   dataset=dataset, root=root, split=split, clusters=clusters, preset=preset,
+                                   config_file=config_file, overrides=overrides)
     _absolute_paths(config)
     dist = init_distributed(config.device, config.precision)
     out = Path(out)
@@ -78,14 +77,14 @@ def fit(
     if dist.precision == "bf16":
         log(f"training steps in bf16 autocast on {dist.device} (float32 weights); --set precision=fp32 turns it off")
     try:
-        return _fit(config, out, dist, log)
+        return _fit(config, impl, params, out, dist, log)
     except BaseException:
         if dist.is_main:
             rundir.abandon(out, created)
         raise
 
 
-def _fit(config: RunConfig, out: Path, dist, log: Callable[[str], None]) -> "Segmenter":
+def _fit(config: RunConfig, impl: Method, params, out: Path, dist, log: Callable[[str], None]) -> "Segmenter":
     torch.manual_seed(config.seed)
     train_data = build_train_dataset(config)
     net = build_backbone(config.backbone.name, config.backbone.weights, device=dist.device, **config.backbone.options)
@@ -108,10 +107,9 @@ def _fit(config: RunConfig, out: Path, dist, log: Callable[[str], None]) -> "Seg
         # config.yaml keeps "auto" until the fit ends, so that an interrupted fit resumes
         auto = choose_clusters(config, features(), log)
         config.clusters = auto.chosen
-    module = get_method(config.method)
     ctx = FitContext(
         config=config,
-        params=_method_params(config),
+        params=params,
         backbone=net,
         features=features,
         dataset=train_data,
@@ -121,7 +119,7 @@ def _fit(config: RunConfig, out: Path, dist, log: Callable[[str], None]) -> "Seg
         log=log,
     )
     tic = time.perf_counter()
-    state = module.fit(ctx)
+    state = impl.fit(ctx)
     elapsed = time.perf_counter() - tic
     if dist.is_main:
         rundir.save(
@@ -139,7 +137,7 @@ def _fit(config: RunConfig, out: Path, dist, log: Callable[[str], None]) -> "Seg
         )
         log(f"fit finished in {elapsed:.1f} s; run written to {out}")
     dist.barrier()
-    return Segmenter.from_run(rundir.load(out), backbone=net)
+    return Segmenter.from_run(rundir.load(out), backbone=net, resolved=(impl, params))
 
 
 def plan(config: RunConfig, cache_dir: str | os.PathLike | None = None, throughput: float | None = None) -> list[str]:
@@ -156,8 +154,7 @@ def plan(config: RunConfig, cache_dir: str | os.PathLike | None = None, throughp
     n = len(train_data)
     base = getattr(train_data, "source", train_data)
     crops = f"{len(base):,} images x {train_data.per_image} {config.data.crop} crops" if isinstance(train_data, CropView) else f"{n:,} images"
-    module = get_method(config.method)
-    params = _method_params(config)
+    impl, params = resolve_method(config)
     labelled = has_labels(train_data)
     folder = Path(cache_dir or config.cache_dir or default_cache_dir())
     lines = [
@@ -165,7 +162,7 @@ def plan(config: RunConfig, cache_dir: str | os.PathLike | None = None, throughp
         f"backbone {spec.name}: {spec.dim} channels, stride {spec.stride}; batch of {config.batch_size} per forward; "
         f"{resolve_workers(config.data.workers)} decode workers",
     ]
-    fplan = module.plan(params, config.method, config.clusters, n, spec.dim, 0)
+    fplan = impl.plan(params, config.clusters, n, spec.dim, 0)
     tokens = 0
     for resolution in dict.fromkeys(r or config.data.resolution for r in fplan.resolutions):
         shapes = token_shapes(train_data, _train_preprocess(config, spec.stride, resolution), spec.stride, spec.dim)
@@ -178,7 +175,7 @@ def plan(config: RunConfig, cache_dir: str | os.PathLike | None = None, throughp
             "stream": " (unless this entry is already cached)",
             "cache": " (a hit instead, backbone skipped, if this entry is already cached)"}[verdict]
         lines.append(f"  source: {'stream (backbone on every batch)' if verdict == 'stream' else 'cache'}: {reason}{caveat}")
-    fplan = module.plan(params, config.method, config.clusters, n, spec.dim, tokens)
+    fplan = impl.plan(params, config.clusters, n, spec.dim, tokens)
     for stage in fplan.stages:
         lines.append(f"stage {stage.name}: {stage.steps_per_epoch:,} steps per epoch, {stage.total_steps:,} steps in total, "
                      f"{stage.images_per_step} items per step ({stage.total_steps * stage.images_per_step:,} item reads)")

@@ -35,13 +35,8 @@ from torch import nn
 from ..engine import GeneratorState, Stage, run_stage
 from ..errors import CheckpointError, ConfigError
 from ..features.knn import knn_table, sample_neighbours
-from .base import FitContext, FitPlan, Predictor, PredictorInfo, StagePlan, cosine_scores
-
-
-LINEAR_PROBE = ("linear_probe.weight", "linear_probe.bias")   # on the code, see LinearProbe
-
-
-MIN_CLUSTERS = 2   # one cluster segments nothing; the cluster probe's loss needs a choice
+from .base import FitContext, FitPlan, Method, Predictor, PredictorInfo, StagePlan, cosine_scores
+from .registry import register_method
 
 
 @dataclass
@@ -493,3 +488,20 @@ def fit(ctx: FitContext) -> dict[str, torch.Tensor]:
         state["linear_probe.weight"] = model.linear_probe.weight.detach().clone()
         state["linear_probe.bias"] = model.linear_probe.bias.detach().clone()
     return {k: v.cpu() for k, v in state.items()}
+
+
+@register_method
+class Stego(Method):
+    name = "stego"
+    Params = Params
+    MIN_CLUSTERS = 2   # one cluster segments nothing; the cluster probe's loss needs a choice
+    LINEAR_PROBE = ("linear_probe.weight", "linear_probe.bias")   # on the code, see LinearProbe
+
+    def fit(self, ctx: FitContext) -> dict[str, torch.Tensor]:
+        return fit(ctx)
+
+    def build_predictor(self, params: Params, state: dict[str, torch.Tensor], info: PredictorInfo) -> Predictor:
+        return build_predictor(params, state, info)
+
+    def plan(self, params: Params, clusters: int, n_items: int, dim: int, tokens: int) -> FitPlan:
+        return plan(params, self.name, clusters, n_items, dim, tokens)
