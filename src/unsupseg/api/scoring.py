@@ -108,42 +108,15 @@ def evaluate(
     data = build_dataset(dataset, str(root), split)
     if data.num_classes is None:
         raise ConfigError(f"dataset {dataset!r} split {split!r} has no labels to evaluate against")
-    if probe == "linear":
-        if matching:
-            raise ConfigError("--probe linear predicts the classes themselves (identity mapping): leave out --matching")
-        seg = linear_probe_segmenter(seg)
-        if seg.num_clusters != data.num_classes:
-            raise ConfigError(f"the linear probe predicts {seg.num_clusters} classes but {dataset} has {data.num_classes}")
-        protocols = ["identity"]
-    else:
-        protocols = _protocols(matching, seg.num_clusters, data.num_classes)
+    seg, protocols = _scored(seg, probe, matching, dataset, data.num_classes)
     prep = seg.eval_preprocess(data)
     kwargs = dict(cache_dir=config.cache_dir, batch_size=config.batch_size, strict=True)
     store = extract_features(seg.backbone, data, prep, description=f"{split} features", **kwargs)
     flipped = extract_features(seg.backbone, data, prep, flip=True, description=f"{split} flipped", **kwargs) if flip else None
-    confusion = ConfusionMatrix(seg.num_clusters, data.num_classes)
-    per_image = PerImageHungarian(data.num_classes)
     chunks = same_shape_chunks(store, batch_size or seg.batch_size)
-    for chunk in track(chunks, len(chunks), f"evaluating {dataset}/{split}"):
-        labels = store.labels(chunk)
-        scores = seg.scores(store.batch(chunk), flipped.batch(chunk) if flipped is not None else None,
-                            tuple(labels.shape[-2:]))
-        images = torch.stack([prep.apply(data[i].image)[0] for i in chunk]) if crf else None
-        probs = seg._finish(scores, images, crf)
-        for pred, label in zip(probs.argmax(1), labels):
-            per_image.add(confusion.update(pred, label))
-    matchings = {"dataset": "hungarian", "many-to-one": "many-to-one", "identity": "identity"}
-    results = {name: per_image.scores() if name == "per-image" else score(confusion, matchings[name]) for name in protocols}
-    mapping_from = next((n for n in protocols if n != "per-image"), "dataset")
-    colours = results.get(mapping_from) or score(confusion, "hungarian")
-    first = results[protocols[0]].to_dict(data.classes)
+    confusion, per_image = _confusion(seg, data, prep, store, flipped, crf, chunks, f"evaluating {dataset}/{split}")
     report = {
-        **first,
-        "matching": protocols[0],
-        "mapping": colours.mapping,
-        "mapping_from": mapping_from,
-        "protocols": {name: {k: v for k, v in r.to_dict(data.classes).items() if k not in ("matching", "mapping")}
-                      for name, r in results.items()},
+        **_protocol_scores(confusion, per_image, protocols, data.classes),
         "n_images": len(store),
         "dataset": dataset,
         "split": split,
@@ -162,6 +135,51 @@ def evaluate(
             "pixel_accuracy": report["pixel_accuracy"], "miou": report["miou"], "matching": protocols[0],
             "protocols": {name: {k: p[k] for k in ("pixel_accuracy", "miou")} for name, p in report["protocols"].items()}}})
     return report
+
+
+def _scored(seg: Segmenter, probe: str, matching, dataset: str, num_classes: int) -> tuple[Segmenter, list[str]]:
+    """The Segmenter scored (the run's, or its linear probe's) and the protocols it is scored by."""
+    if probe == "clusters":
+        return seg, _protocols(matching, seg.num_clusters, num_classes)
+    if matching:
+        raise ConfigError("--probe linear predicts the classes themselves (identity mapping): leave out --matching")
+    seg = linear_probe_segmenter(seg)
+    if seg.num_clusters != num_classes:
+        raise ConfigError(f"the linear probe predicts {seg.num_clusters} classes but {dataset} has {num_classes}")
+    return seg, ["identity"]
+
+
+def _confusion(seg: Segmenter, data, prep, store, flipped, crf: bool, chunks: list[list[int]], title: str):
+    """The split's confusion matrix (clusters x classes) and per-image matchings, one forward per chunk."""
+    confusion = ConfusionMatrix(seg.num_clusters, data.num_classes)
+    per_image = PerImageHungarian(data.num_classes)
+    for chunk in track(chunks, len(chunks), title):
+        labels = store.labels(chunk)
+        scores = seg.scores(store.batch(chunk), flipped.batch(chunk) if flipped is not None else None,
+                            tuple(labels.shape[-2:]))
+        images = torch.stack([prep.apply(data[i].image)[0] for i in chunk]) if crf else None
+        probs = seg._finish(scores, images, crf)
+        for pred, label in zip(probs.argmax(1), labels):
+            per_image.add(confusion.update(pred, label))
+    return confusion, per_image
+
+
+def _protocol_scores(confusion: ConfusionMatrix, per_image: PerImageHungarian, protocols: list[str],
+                     classes: list[str]) -> dict:
+    """The report's scores: the first protocol's at the top level, every one under ``protocols``, and
+    the cluster -> class ``mapping`` of the first dataset-level one (else dataset-wide Hungarian)."""
+    matchings = {"dataset": "hungarian", "many-to-one": "many-to-one", "identity": "identity"}
+    results = {name: per_image.scores() if name == "per-image" else score(confusion, matchings[name]) for name in protocols}
+    mapping_from = next((n for n in protocols if n != "per-image"), "dataset")
+    colours = results.get(mapping_from) or score(confusion, "hungarian")
+    return {
+        **results[protocols[0]].to_dict(classes),
+        "matching": protocols[0],
+        "mapping": colours.mapping,
+        "mapping_from": mapping_from,
+        "protocols": {name: {k: v for k, v in r.to_dict(classes).items() if k not in ("matching", "mapping")}
+                      for name, r in results.items()},
+    }
 
 
 def same_shape_chunks(store, batch_size: int) -> list[list[int]]:
