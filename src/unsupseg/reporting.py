@@ -151,7 +151,7 @@ def _segment_shown(seg: Segmenter, data, prep, gallery: ClusterGallery, max_imag
             warnings.warn(f"skipping unreadable image: {err}", stacklevel=3)
             continue
         tensor, label = prep.apply(sample.image, sample.label if labelled else None)
-        pred = seg.predict_tensor(tensor, crf)
+        pred = seg.predict_tensor(tensor, crf=crf)
         pixels = (tensor * 255).round().byte().permute(1, 2, 0).numpy()
         gallery.add(pixels, pred.probabilities.numpy())
         shown.append(ReportImage(sample.id, pixels, pred.labels, None if label is None else label.numpy()))

@@ -66,7 +66,7 @@ class Segmenter:
         self.precision = resolve_precision(precision or config.precision, device)
 
     @classmethod
-    def from_run(cls, run: rundir.Run, backbone=None, device: str | None = None, precision: str | None = None,
+    def from_run(cls, run: rundir.Run, *, backbone=None, device: str | None = None, precision: str | None = None,
                  resolved: tuple[Method, Any] | None = None) -> "Segmenter":
         config = run.config
         method, params = resolved or resolve_method(config)
@@ -144,7 +144,7 @@ class Segmenter:
         return refine_batch(rgb.to(logp.device), logp)
 
     @torch.no_grad()
-    def predict_tensors(self, images: torch.Tensor, crf: bool | None = None, probabilities: bool = True) -> Prediction:
+    def predict_tensors(self, images: torch.Tensor, *, crf: bool | None = None, probabilities: bool = True) -> Prediction:
         """Predictions for a batch of same-sized preprocessed images (B x 3 x H x W float in [0, 1]):
         labels B x H x W, probabilities B x C x H x W (None unless ``probabilities``: they are C times
         the labels' size to copy off the device). Each image's are those it gets alone."""
@@ -160,21 +160,21 @@ class Segmenter:
         probs = self._finish(scores, batch[:, :, :h, :w], crf)
         return Prediction(probs.argmax(1).cpu().numpy(), probs.cpu() if probabilities else None)
 
-    def predict_tensor(self, image: torch.Tensor, crf: bool | None = None) -> Prediction:
+    def predict_tensor(self, image: torch.Tensor, *, crf: bool | None = None) -> Prediction:
         """Prediction for one preprocessed image (3 x H x W float in [0, 1])."""
-        pred = self.predict_tensors(image[None], crf)
+        pred = self.predict_tensors(image[None], crf=crf)
         return Prediction(pred.labels[0], pred.probabilities[0])
 
-    def predict(self, image, crf: bool | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    def predict(self, image, *, crf: bool | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
         """Cluster id per pixel (H x W) for a photo (path or PIL image) at its displayed size.
 
         A file above ``max_pixels`` is downscaled on load (with a warning) and labelled at that size.
         A PIL image is converted as a file is read (transparency composited onto white).
         """
         check_max_pixels(max_pixels)
-        return self.predict_batch([image], crf, max_pixels)[0]
+        return self.predict_batch([image], crf=crf, max_pixels=max_pixels)[0]
 
-    def predict_batch(self, images: Sequence, crf: bool | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    def predict_batch(self, images: Sequence, *, crf: bool | None = None, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                       batch_size: int | None = None) -> list[np.ndarray]:
         """``predict`` of several photos (paths or PIL images), in their order; photos of the same
         preprocessed size go through the backbone and the head together (see ``predict_stream``).
@@ -182,11 +182,12 @@ class Segmenter:
         check_max_pixels(max_pixels)
         pils = [to_rgb(im) if isinstance(im, Image.Image) else load_image(im, max_pixels=max_pixels) for im in images]
         names = [f"image {i}" if isinstance(im, Image.Image) else str(im) for i, im in enumerate(images)]
-        labels = {i: lab for i, _, lab in self.predict_stream(enumerate(pils), crf, batch_size, name=names.__getitem__)}
+        labels = {i: lab for i, _, lab in self.predict_stream(enumerate(pils), crf=crf, batch_size=batch_size,
+                                                                    name=names.__getitem__)}
         return [labels[i] for i in range(len(pils))]
 
-    def predict_stream(self, items: Iterable[tuple[object, Image.Image]], crf: bool | None = None,
-                       batch_size: int | None = None, *, name: Callable[[object], str] = str,
+    def predict_stream(self, items: Iterable[tuple[object, Image.Image]], *, crf: bool | None = None,
+                       batch_size: int | None = None, name: Callable[[object], str] = str,
                        on_error: Callable[[object, Exception], None] | None = None,
                        ) -> Iterator[tuple[object, Image.Image, np.ndarray]]:
         """``(key, photo, labels at the photo's size)`` for each ``(key, PIL photo)`` of ``items``.
@@ -206,7 +207,7 @@ class Segmenter:
         def run(shape):
             group = groups.pop(shape)
             try:
-                labels = self.predict_tensors(torch.stack([t for _, _, t in group]), crf, probabilities=False).labels
+                labels = self.predict_tensors(torch.stack([t for _, _, t in group]), crf=crf, probabilities=False).labels
             except PREDICT_ERRORS as err:
                 if on_error is None:
                     raise
@@ -294,6 +295,6 @@ def tiled_embed(embed: Callable[[torch.Tensor], torch.Tensor], features: torch.T
     return (out / count)[:, :, :h, :w]
 
 
-def load(run_dir: str | os.PathLike, device: str | None = None, precision: str | None = None) -> Segmenter:
+def load(run: str | os.PathLike, *, device: str | None = None, precision: str | None = None) -> Segmenter:
     """Rebuild the Segmenter of a finished run directory (``precision``: auto | bf16 | fp32, default the run's)."""
-    return Segmenter.from_run(rundir.load(run_dir), device=device, precision=precision)
+    return Segmenter.from_run(rundir.load(run), device=device, precision=precision)

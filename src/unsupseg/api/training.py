@@ -140,7 +140,7 @@ def _fit(config: RunConfig, impl: Method, params, out: Path, dist, log: Callable
     return Segmenter.from_run(rundir.load(out), backbone=net, resolved=(impl, params))
 
 
-def plan(config: RunConfig, cache_dir: str | os.PathLike | None = None, throughput: float | None = None) -> list[str]:
+def plan(config: RunConfig, *, cache_dir: str | os.PathLike | None = None, throughput: float | None = None) -> list[str]:
     """What ``fit`` with ``config`` would do, as lines of text; builds no backbone (no weights needed),
     extracts nothing and writes nothing. ``throughput`` (training items per second, e.g. measured by
     benchmarks/bench_paper_scale.py or gpu_check.sh on the target machine) gives a time estimate."""
