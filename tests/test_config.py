@@ -37,7 +37,7 @@ def test_dataset_preset_is_selected_and_overrides_win():
 
 
 def test_every_shipped_preset_resolves_to_valid_params():
-    from unsupseg.api import _method_params
+    from unsupseg.api import resolve_method
     from unsupseg.config import preset_names
     from unsupseg.methods import method_names
 
@@ -45,7 +45,7 @@ def test_every_shipped_preset_resolves_to_valid_params():
     for method in method_names():
         for name in preset_names(method):
             config = resolve_config(method, preset=name)
-            _method_params(config)            # typed and validated by the method's Params
+            resolve_method(config)            # typed and validated by the method's Params
             assert config.method == method and config.clusters >= 1, (method, name)
             checked += 1
     assert checked >= 20

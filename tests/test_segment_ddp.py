@@ -24,15 +24,16 @@ def worker(rank: int, world: int, folder: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
     try:
         import unsupseg.api as api
+        import unsupseg.api.outputs as outputs
 
         opened = []
-        real = api.atomic_path
+        real = outputs.atomic_path
 
         def spy(path):   # every file this process writes goes through atomic_path
             opened.append(str(path))
             return real(path)
 
-        api.atomic_path = spy
+        outputs.atomic_path = spy
         root = Path(folder)
         returned = api.segment(root / "run", [root / "photos"], root / "ddp", batch_size=2)
         (root / f"rank{rank}.json").write_text(json.dumps({"opened": opened, "returned": [str(p) for p in returned]}))

@@ -1,6 +1,6 @@
 """unsupseg: unsupervised semantic segmentation (CAUSE, STEGO, Leopart) on frozen backbones.
 
-The Python verbs mirror the CLI: ``unsupseg.fit(...)``, ``unsupseg.load(run_dir).predict(image)``,
+The Python verbs mirror the CLI: ``unsupseg.fit(...)``, ``unsupseg.load(run).predict(image)``,
 ``unsupseg.evaluate(...)``, ``unsupseg.segment(...)``.
 """
 

@@ -77,7 +77,8 @@ def print_seed_scores(report: dict, title: str) -> None:
 
 @app.command()
 def fit(
-    run_dir: Path = typer.Option(..., "--out", help="Run directory to write (resumes an interrupted fit)."),
+    run: Optional[Path] = typer.Option(None, "--out", help="Run directory to write (resumes an interrupted fit); "
+                                       "not needed with --plan."),
     method: Optional[str] = typer.Option(None, help="kmeans, cause-mlp, cause-tr, stego, leopart "
                                          "(default: the --config file's method, else kmeans)."),
     backbone: Optional[str] = typer.Option(None, help="Backbone name (see `unsupseg backbones`)."),
@@ -100,9 +101,13 @@ def fit(
 ) -> None:
     """Fit a method and write a run directory."""
     from .api import fit as api_fit
+    from .errors import ConfigError
 
+    if throughput is not None and not plan:
+        raise ConfigError("--throughput goes with --plan (a time estimate of the plan); leave it out to fit")
     if plan:
-        from .api import fit_config, plan as api_plan
+        from .api import fit_config
+        from .api import plan as api_plan
 
         config = fit_config(method, backbone=backbone, backbone_weights=backbone_weights, images=images,
                             dataset=dataset, root=root, split=split, clusters=_clusters(clusters), preset=preset,
@@ -110,8 +115,10 @@ def fit(
         for line in api_plan(config, throughput=throughput):
             out.print(line, highlight=False, soft_wrap=True)
         return
+    if run is None:
+        raise ConfigError("fit needs --out RUN, the run directory to write (only --plan goes without)")
     api_fit(
-        method, out=run_dir, backbone=backbone, backbone_weights=backbone_weights, images=images,
+        method, out=run, backbone=backbone, backbone_weights=backbone_weights, images=images,
         dataset=dataset, root=root, split=split, clusters=_clusters(clusters), preset=preset, config_file=config,
         overrides=set_, overwrite=overwrite, log=out.print,
     )
@@ -119,7 +126,7 @@ def fit(
 
 @app.command()
 def segment(
-    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    run: Path = typer.Argument(..., help="A finished run directory."),
     inputs: list[Path] = typer.Argument(..., help="Images or folders of images."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for <name>.png and <name>_overlay.jpg."),
     crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="Dense CRF refinement (default: the run's)."),
@@ -132,7 +139,7 @@ def segment(
     """Segment photos with a fitted run (under torchrun, each process takes its share of the photos)."""
     from .api import segment as api_segment
 
-    result = api_segment(run_dir, inputs, out_dir, crf=crf, overwrite=overwrite, strict=strict, max_pixels=max_pixels,
+    result = api_segment(run, inputs, out_dir, crf=crf, overwrite=overwrite, strict=strict, max_pixels=max_pixels,
                          batch_size=batch_size, precision=precision)
     message = f"wrote {len(result)} masks and overlays to {out_dir}"
     if result.skipped:
@@ -144,7 +151,7 @@ def segment(
 
 @app.command()
 def evaluate(
-    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    run: Path = typer.Argument(..., help="A finished run directory."),
     dataset: str = typer.Option(..., help="Benchmark dataset name."),
     root: Path = typer.Option(..., help="Folder holding the dataset."),
     split: str = typer.Option("val", help="Split to score."),
@@ -156,9 +163,10 @@ def evaluate(
                                        "many-to-one, or all (repeatable; one pass scores them all)."),
     overcluster: list[int] = typer.Option([], help="Over-clustering protocol instead: k-means with K clusters "
                                            "on the split's backbone features, many-to-one matching (repeatable)."),
-    seeds: int = typer.Option(5, help="Over-clustering: number of k-means seeds averaged."),
-    probe: str = typer.Option("clusters", help="clusters (the unsupervised prediction), or linear: the run's "
-                              "supervised linear probe (STEGO, CAUSE), identity mapping."),
+    seeds: Optional[str] = typer.Option(None, help="Over-clustering: the k-means seeds averaged, comma-separated "
+                                        "(default 0,1,2,3,4)."),
+    probe: Optional[str] = typer.Option(None, help="clusters (the unsupervised prediction, the default), or linear: "
+                                        "the run's supervised linear probe (STEGO, CAUSE), identity mapping."),
     batch_size: Optional[int] = typer.Option(None, help="Same-size images per forward pass (default: the run's batch_size on a GPU, 1 on CPU)."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA), bf16 or fp32 (default: the run's)."),
 ) -> None:
@@ -166,12 +174,21 @@ def evaluate(
 
     A Leopart run fitted with params.protocol=reference is scored by the reference's protocol
     (mean and std over its Infomap seeds)."""
+    from .errors import ConfigError
+
     if overcluster:
         from .api import evaluate_overcluster
 
-        report = evaluate_overcluster(run_dir, dataset=dataset, root=root, split=split, ks=overcluster,
-                                      seeds=tuple(range(seeds)), json_path=json_path)
-        table = Table(title=f"over-clustering of {run_dir} features on {dataset}/{split}")
+        # the over-clustering protocol scores the backbone features alone: these would change nothing
+        ignored = [name for name, value in (("--matching", matching), ("--probe", probe), ("--crf/--no-crf", crf),
+                                            ("--flip/--no-flip", flip), ("--batch-size", batch_size),
+                                            ("--precision", precision)) if value not in (None, [])]
+        if ignored:
+            raise ConfigError(f"--overcluster scores the backbone features alone: {', '.join(ignored)} would be "
+                              "ignored; leave them out")
+        report = evaluate_overcluster(run, dataset=dataset, root=root, split=split, ks=overcluster,
+                                      seeds=_seeds(seeds), json_path=json_path)
+        table = Table(title=f"over-clustering of {run} features on {dataset}/{split}")
         for col in ("K", "mIoU % (mean ± std)", "pixel acc. % (mean ± std)", "seeds"):
             table.add_column(col)
         for k, r in report["results"].items():
@@ -179,19 +196,21 @@ def evaluate(
                           f"{r['pixel_accuracy']:.1f} ± {r['pixel_accuracy_std']:.1f}", str(len(r["per_seed"])))
         out.print(table)
         return
+    if seeds is not None:
+        raise ConfigError("--seeds goes with --overcluster (its k-means seeds); leave it out")
     from .api import evaluate as api_evaluate
 
-    report = api_evaluate(run_dir, dataset=dataset, root=root, split=split, crf=crf, flip=flip, probe=probe,
+    report = api_evaluate(run, dataset=dataset, root=root, split=split, crf=crf, flip=flip, probe=probe or "clusters",
                           matching=matching or None, json_path=json_path, batch_size=batch_size, precision=precision)
     if report.get("protocol") == "leopart-reference":
-        print_seed_scores(report, f"{run_dir} on {dataset}/{split}, Leopart reference protocol")
+        print_seed_scores(report, f"{run} on {dataset}/{split}, Leopart reference protocol")
         return
-    print_scores(report, f"{run_dir} on {dataset}/{split}" + (" (linear probe)" if probe == "linear" else ""))
+    print_scores(report, f"{run} on {dataset}/{split}" + (" (linear probe)" if probe == "linear" else ""))
 
 
 @app.command()
 def report(
-    run_dir: Path = typer.Argument(..., help="A finished run directory."),
+    run: Path = typer.Argument(..., help="A finished run directory."),
     out_file: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write."),
     images: Optional[Path] = typer.Option(None, help="Images to show (default: the run's training data)."),
     dataset: Optional[str] = typer.Option(None, help="Labelled dataset: adds metrics, IoU chart, confusion matrix."),
@@ -205,7 +224,7 @@ def report(
     """Write a self-contained HTML report: overlays, cluster gallery, metrics where labels exist."""
     from .reporting import build_report
 
-    build_report(run_dir, out_file, images=images, dataset=dataset, root=root, split=split,
+    build_report(run, out_file, images=images, dataset=dataset, root=root, split=split,
                  max_images=max_images, crf=crf, matching=matching or None, log=out.print)
 
 
@@ -214,7 +233,7 @@ def finetune_leopart(
     backbone: str = typer.Option(..., help="ViT backbone to fine-tune (e.g. dino_vits16)."),
     images: Path = typer.Option(..., help="Folder of unlabelled training images."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for the fine-tuned weights and checkpoints."),
-    weights: str = typer.Option("auto", help="Starting weights: auto, random or a file."),
+    backbone_weights: str = typer.Option("auto", help="Starting weights: auto, random or a file."),
     epochs: int = typer.Option(50, help="Epochs over the images."),
     batch_size: Optional[int] = typer.Option(None, help="Images per step over all processes (torchrun: global). "
                                              "Default: the reference's 2 GPUs x 32 = 64 (dino_vitb8: 2 x 16 = 32)."),
@@ -228,16 +247,15 @@ def finetune_leopart(
     from .methods.leopart_finetune import finetune
 
     params = apply_overrides({}, set_)
-    path = finetune(backbone, images, out_dir, weights=weights, epochs=epochs, batch_size=batch_size, steps=steps,
+    path = finetune(backbone, images, out_dir, weights=backbone_weights, epochs=epochs, batch_size=batch_size, steps=steps,
                     device=device, overwrite=overwrite, log=out.print, **params)
     out.print(f"fine-tuned backbone: {path}  (use it with --backbone {backbone} --backbone-weights {path})")
 
 
 @app.command("import-checkpoint")
 def import_checkpoint(
-    method: str = typer.Argument(..., help="cause or stego."),
+    method: str = typer.Argument(..., help="cause-mlp, cause-tr or stego (the method names of fit)."),
     out_dir: Path = typer.Option(..., "--out", help="Run directory to create."),
-    variant: Optional[str] = typer.Option(None, help="CAUSE: mlp or tr."),
     segment_file: Optional[Path] = typer.Option(None, "--segment", help="CAUSE: segment_{mlp|tr}.pth."),
     cluster_file: Optional[Path] = typer.Option(None, "--cluster", help="CAUSE: cluster_{mlp|tr}.pth."),
     modular: Optional[Path] = typer.Option(None, help="CAUSE: modular.npy (optional; the codebook is in --cluster)."),
@@ -248,23 +266,28 @@ def import_checkpoint(
     """Turn published CAUSE or STEGO model files into a run directory for segment/evaluate."""
     from .errors import ConfigError
 
-    if method == "cause":
-        missing = [n for n, v in (("--variant", variant), ("--segment", segment_file), ("--cluster", cluster_file),
-                                  ("--backbone", backbone)) if v is None]
+    cause = {"--segment": segment_file, "--cluster": cluster_file, "--modular": modular, "--backbone": backbone}
+    if method in ("cause-mlp", "cause-tr"):
+        missing = [name for name in ("--segment", "--cluster", "--backbone") if cause[name] is None]
         if missing:
-            raise ConfigError(f"import-checkpoint cause needs {', '.join(missing)}")
+            raise ConfigError(f"import-checkpoint {method} needs {', '.join(missing)}")
+        if ckpt is not None:
+            raise ConfigError(f"--ckpt is STEGO's checkpoint; import-checkpoint {method} reads --segment and --cluster")
         from .importers.cause import import_cause
 
-        path = import_cause(variant, segment_file, cluster_file, backbone, out_dir, backbone_weights=backbone_weights,
+        path = import_cause(method, segment_file, cluster_file, backbone, out_dir, backbone_weights=backbone_weights,
                             modular=modular)
     elif method == "stego":
         if ckpt is None:
             raise ConfigError("import-checkpoint stego needs --ckpt FILE")
+        given = [name for name, value in cause.items() if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: CAUSE's files; import-checkpoint stego reads --ckpt alone")
         from .importers.stego import import_stego
 
         path = import_stego(ckpt, out_dir, backbone_weights=backbone_weights)
     else:
-        raise ConfigError(f"import-checkpoint takes 'cause' or 'stego', got {method!r}")
+        raise ConfigError(f"import-checkpoint takes cause-mlp, cause-tr or stego, got {method!r}")
     out.print(f"run directory written to {path}")
 
 
@@ -403,6 +426,19 @@ def main() -> None:
             err.show()
             sys.exit(err.exit_code)
         raise
+
+
+def _seeds(text: str | None) -> tuple[int, ...]:
+    """--seeds: comma-separated seeds, as the API's ``seeds`` (default 0..4)."""
+    from .errors import ConfigError
+
+    if text is None:
+        return (0, 1, 2, 3, 4)
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integer seeds, e.g. 0,1,2; got {text!r}") from None
+    return seeds
 
 
 if __name__ == "__main__":

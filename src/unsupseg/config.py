@@ -267,10 +267,21 @@ def has_preset(method: str, name: str) -> bool:
 
 
 def load_preset(method: str, name: str) -> dict:
-    """The preset ``presets/<method>/<name>.yaml`` shipped with the package, or a YAML file path."""
+    """The preset ``presets/<method>/<name>.yaml`` shipped with the package, or a YAML file path,
+    fully expanded: a ``base: <method>/<preset>`` key names the preset it inherits from (its own keys
+    replace the base's, mappings merged key by key)."""
     if name.endswith((".yaml", ".yml")) or "/" in name:
-        return load_yaml(name)
-    if not has_preset(method, name):
-        raise ConfigError(f"unknown preset {name!r} for method {method!r}{_closest(name, preset_names(method) or ['(none)'])}")
-    path = resources.files("unsupseg") / "presets" / method / f"{name}.yaml"
-    return yaml.safe_load(path.read_text()) or {}
+        where, data = name, load_yaml(name)
+    else:
+        if not has_preset(method, name):
+            raise ConfigError(
+                f"unknown preset {name!r} for method {method!r}{_closest(name, preset_names(method) or ['(none)'])}")
+        where = f"presets/{method}/{name}.yaml"
+        data = yaml.safe_load((resources.files("unsupseg") / "presets" / method / f"{name}.yaml").read_text()) or {}
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or base.count("/") != 1:
+        raise ConfigError(f"{where}: base must be <method>/<preset>, e.g. cause-tr/cocostuff27; got {base!r}")
+    base_method, base_name = base.split("/")
+    return merge(load_preset(base_method, base_name), data)

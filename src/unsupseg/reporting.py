@@ -35,15 +35,15 @@ def _spread(n: int, k: int) -> list[int]:
 
 
 def build_report(
-    run_dir: str | os.PathLike | Segmenter,
+    run: str | os.PathLike | Segmenter,
     out: str | os.PathLike,
+    *,
     images: str | os.PathLike | None = None,
     dataset: str | None = None,
     root: str | os.PathLike | None = None,
     split: str = "val",
     max_images: int = 24,
     crf: bool | None = None,
-    *,
     matching: str | list[str] | None = None,
     patches_per_cluster: int = 8,
     patch_size: int = 64,
@@ -63,28 +63,9 @@ def build_report(
     if images is not None and dataset is not None:
         raise ConfigError("give either --images DIR or --dataset NAME --root DIR, not both")
     check_writable_file(out, "report file")
-    seg = run_dir if isinstance(run_dir, Segmenter) else load(run_dir)
+    seg = run if isinstance(run, Segmenter) else load(run)
     config = seg.config
-
-    # (data, name of a labelled benchmark to evaluate on or None, description)
-    if images is not None:
-        data, bench, source = ImageFolder(images, strict=config.data.strict), None, f"images in {images}"
-    elif dataset is not None:
-        if root is None:
-            raise ConfigError(f"dataset {dataset!r} needs --root (the folder that holds it)")
-        data, bench, source = build_dataset(dataset, str(root), split), (dataset, root, split), f"{dataset}/{split}"
-    else:
-        try:
-            data = build_train_dataset(config)
-        except DataError as err:
-            raise DataError(f"the run's training images cannot be read ({err}); pass --images DIR to show others") from None
-        d = config.data
-        if d.dataset and not d.crops and not d.images:
-            bench, source = (d.dataset, d.root, d.split), f"training data {d.dataset}/{d.split}"
-        else:
-            bench, source = None, f"training data {d.crops or d.images}"
-    if bench is not None and data.num_classes is None:
-        bench = None   # a folder of images without class names: nothing to score against
+    data, bench, source = _report_images(config, images, dataset, root, split)
 
     metrics = None
     if bench is not None:
@@ -97,21 +78,7 @@ def build_report(
         prep = seg.preprocess()   # as segment/predict see a photo
 
     gallery = ClusterGallery(seg.num_clusters, per_cluster=patches_per_cluster, patch_size=patch_size)
-    shown: list[ReportImage] = []
-    chosen = _spread(len(data), max_images)
-    for i in track(chosen, len(chosen), "report: segmenting"):
-        try:
-            sample = data[i]
-        except DataError as err:
-            if config.data.strict:
-                raise
-            warnings.warn(f"skipping unreadable image: {err}", stacklevel=2)
-            continue
-        tensor, label = prep.apply(sample.image, sample.label if metrics is not None else None)
-        pred = seg.predict_tensor(tensor, crf)
-        pixels = (tensor * 255).round().byte().permute(1, 2, 0).numpy()
-        gallery.add(pixels, pred.probabilities.numpy())
-        shown.append(ReportImage(sample.id, pixels, pred.labels, None if label is None else label.numpy()))
+    shown = _segment_shown(seg, data, prep, gallery, max_images, crf, labelled=metrics is not None)
     if not shown:
         raise DataError(f"no image of {source} could be read for the report")
 
@@ -144,6 +111,51 @@ def build_report(
     atomic_write_text(out, render_report(report))
     log(f"report of {len(shown)} images written to {out}")
     return out
+
+
+def _report_images(config, images, dataset, root, split):
+    """(data, (dataset, root, split) of a labelled benchmark to evaluate on or None, description)."""
+    if images is not None:
+        return ImageFolder(images, strict=config.data.strict), None, f"images in {images}"
+    if dataset is not None:
+        if root is None:
+            raise ConfigError(f"dataset {dataset!r} needs --root (the folder that holds it)")
+        data, bench, source = build_dataset(dataset, str(root), split), (dataset, root, split), f"{dataset}/{split}"
+    else:
+        try:
+            data = build_train_dataset(config)
+        except DataError as err:
+            raise DataError(f"the run's training images cannot be read ({err}); pass --images DIR to show others") from None
+        d = config.data
+        if d.dataset and not d.crops and not d.images:
+            bench, source = (d.dataset, d.root, d.split), f"training data {d.dataset}/{d.split}"
+        else:
+            bench, source = None, f"training data {d.crops or d.images}"
+    if bench is not None and data.num_classes is None:
+        bench = None   # a folder of images without class names: nothing to score against
+    return data, bench, source
+
+
+def _segment_shown(seg: Segmenter, data, prep, gallery: ClusterGallery, max_images: int, crf: bool | None,
+                   labelled: bool) -> list[ReportImage]:
+    """At most ``max_images`` images spread over ``data``, segmented; unreadable ones skipped with a
+    warning (an error under data.strict). Each feeds the cluster gallery."""
+    shown: list[ReportImage] = []
+    chosen = _spread(len(data), max_images)
+    for i in track(chosen, len(chosen), "report: segmenting"):
+        try:
+            sample = data[i]
+        except DataError as err:
+            if seg.config.data.strict:
+                raise
+            warnings.warn(f"skipping unreadable image: {err}", stacklevel=3)
+            continue
+        tensor, label = prep.apply(sample.image, sample.label if labelled else None)
+        pred = seg.predict_tensor(tensor, crf=crf)
+        pixels = (tensor * 255).round().byte().permute(1, 2, 0).numpy()
+        gallery.add(pixels, pred.probabilities.numpy())
+        shown.append(ReportImage(sample.id, pixels, pred.labels, None if label is None else label.numpy()))
+    return shown
 
 
 def _read_meta(path: Path | None) -> dict:

@@ -115,7 +115,7 @@ def reference_scores(variant, feats, feats_flip, size, segment, cluster):
 @pytest.mark.parametrize("variant", ["mlp", "tr"])
 def test_imported_run_reproduces_the_reference_test_path(tmp_path, variant):
     segment, cluster, (seg_file, clu_file, modular) = published(tmp_path, variant)
-    run = import_cause(variant, seg_file, clu_file, "dino_vits16", tmp_path / "run",
+    run = import_cause(f"cause-{variant}", seg_file, clu_file, "dino_vits16", tmp_path / "run",
                        backbone_weights="random", modular=modular)
     seg = api.load(run)
     assert seg.num_clusters == C and seg.config.method == f"cause-{variant}"
@@ -135,7 +135,7 @@ def test_imported_run_reproduces_the_reference_test_path(tmp_path, variant):
 
 def test_imported_tr_run_segments_other_shapes_by_tiling(tmp_path):
     _, _, (seg_file, clu_file, _) = published(tmp_path, "tr")
-    seg = api.load(import_cause("tr", seg_file, clu_file, "dino_vits16", tmp_path / "run", backbone_weights="random"))
+    seg = api.load(import_cause("cause-tr", seg_file, clu_file, "dino_vits16", tmp_path / "run", backbone_weights="random"))
     labels = seg.predict_tensor(torch.rand(3, 64, 112), crf=False).labels
     assert labels.shape == (64, 112) and labels.max() < C
 
@@ -147,17 +147,17 @@ def test_malformed_files_are_refused_with_the_file_and_key(tmp_path):
     del broken["head_ema.f2.2.bias"]
     torch.save(broken, tmp_path / "broken.pth")
     with pytest.raises(CheckpointError, match=r"broken\.pth.*f2\.2\.bias|f2\.2\.bias.*broken\.pth"):
-        import_cause("mlp", tmp_path / "broken.pth", clu_file, "dino_vits16", out, backbone_weights="random")
+        import_cause("cause-mlp", tmp_path / "broken.pth", clu_file, "dino_vits16", out, backbone_weights="random")
     torch.save({"codebook": cluster["codebook"]}, tmp_path / "nocluster.pth")
     with pytest.raises(CheckpointError, match=r"nocluster\.pth.*cluster_probe"):
-        import_cause("mlp", seg_file, tmp_path / "nocluster.pth", "dino_vits16", out, backbone_weights="random")
+        import_cause("cause-mlp", seg_file, tmp_path / "nocluster.pth", "dino_vits16", out, backbone_weights="random")
     with pytest.raises(CheckpointError, match="query_pos"):
-        import_cause("tr", seg_file, clu_file, "dino_vits16", out, backbone_weights="random")
+        import_cause("cause-tr", seg_file, clu_file, "dino_vits16", out, backbone_weights="random")
     with pytest.raises(CheckpointError, match="384"):  # ViT-B gives 768-d tokens
-        import_cause("mlp", seg_file, clu_file, "dino_vitb16", out, backbone_weights="random")
+        import_cause("cause-mlp", seg_file, clu_file, "dino_vitb16", out, backbone_weights="random")
     np.save(tmp_path / "bad.npy", np.zeros((3, 3), dtype=np.float32))
     with pytest.raises(CheckpointError, match=r"bad\.npy"):
-        import_cause("mlp", seg_file, clu_file, "dino_vits16", out, backbone_weights="random", modular=tmp_path / "bad.npy")
+        import_cause("cause-mlp", seg_file, clu_file, "dino_vits16", out, backbone_weights="random", modular=tmp_path / "bad.npy")
 
 
 class Payload:
@@ -168,5 +168,5 @@ def test_pickled_objects_are_not_loaded(tmp_path):
     _, _, (seg_file, clu_file, _) = published(tmp_path, "mlp")
     torch.save({"head_ema.f1.weight": Payload()}, tmp_path / "evil.pth")
     with pytest.raises(CheckpointError, match=r"evil\.pth"):
-        import_cause("mlp", tmp_path / "evil.pth", clu_file, "dino_vits16", tmp_path / "run", backbone_weights="random")
+        import_cause("cause-mlp", tmp_path / "evil.pth", clu_file, "dino_vits16", tmp_path / "run", backbone_weights="random")
     assert not (tmp_path / "run").exists()

@@ -66,16 +66,18 @@ def _head(data: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
 
 
 def import_cause(
-    variant: str,
+    method: str,
     segment: Path,
     cluster: Path,
     backbone: str,
     out: Path,
+    *,
     backbone_weights: str | None = None,
     modular: Path | None = None,
     backbone_options: dict | None = None,
 ) -> Path:
-    """Write a run directory at ``out`` from the published CAUSE files; returns ``out``.
+    """Write a ``method`` (cause-mlp | cause-tr) run directory at ``out`` from the published CAUSE files;
+    returns ``out``.
 
     ``backbone`` names the backbone the files were trained on (e.g. ``dino_vits8``), its weights
     found as for ``fit`` or given by ``backbone_weights``; ``backbone_options`` e.g.
@@ -83,8 +85,8 @@ def import_cause(
     TR runs get the test resolution of their query table (N_q = (R / p)²); other image shapes
     are covered by tiling windows of that size.
     """
-    if variant not in ("mlp", "tr"):
-        raise ConfigError(f"CAUSE variant must be 'mlp' or 'tr', got {variant!r}")
+    if method not in ("cause-mlp", "cause-tr"):
+        raise ConfigError(f"the CAUSE methods are cause-mlp and cause-tr, got {method!r}")
     segment, cluster, out = Path(segment), Path(cluster), Path(out)
     head = _head(_load(segment), segment)
     clusters = _load(cluster)
@@ -93,10 +95,10 @@ def import_cause(
     if modular is not None:
         codebook = _modular(Path(modular), codebook)
     tr = "query_pos" in head
-    if tr != (variant == "tr"):
+    if tr != (method == "cause-tr"):
         raise CheckpointError(
             f"{segment} holds a CAUSE-{'TR' if tr else 'MLP'} head ({'with' if tr else 'without'} "
-            f"'{HEAD}query_pos'), not the {variant.upper()} variant asked for"
+            f"'{HEAD}query_pos'), not the {method} head asked for"
         )
     net = build_backbone(backbone, backbone_weights or "auto", **(backbone_options or {}))
     f1 = head.get("tr.f1.weight" if tr else "f1.weight")
@@ -119,7 +121,6 @@ def import_cause(
     if centroids.shape[1] != (reference.tr.f1 if tr else reference.f1).out_features:
         raise CheckpointError(f"{cluster}: 'cluster_probe' rows must have the head's output size, got {tuple(centroids.shape)}")
 
-    method = f"cause-{variant}"
     params = from_dict(Params, load_preset(method, "default").get("params", {}), "params")
     params.concepts, params.reduced_dim = codebook.shape[0], centroids.shape[1]
     if tr:

@@ -191,7 +191,7 @@ def _tensor(state: dict, key: str, source: Path) -> torch.Tensor:
     return value
 
 
-def import_stego(ckpt: Path, out: Path, backbone_weights: str | None = None) -> Path:
+def import_stego(ckpt: Path, out: Path, *, backbone_weights: str | None = None) -> Path:
     """Write the run directory ``out`` for the released STEGO checkpoint ``ckpt``; returns ``out``.
 
     ``backbone_weights``: a DINO weights file to use instead of the ViT stored in the checkpoint

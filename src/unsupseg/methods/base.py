@@ -1,13 +1,8 @@
-"""What every method provides, and what the shared fit machinery hands it.
+"""What every method provides (``Method``), and what the shared fit machinery hands it (``FitContext``).
 
-A method module exposes:
-  ``Params``                       its typed config dataclass (the ``params:`` section of a run config)
-  ``fit(ctx: FitContext) -> dict``  train and return its state (tensors only), saved as safetensors
-  ``build_predictor(params, state, ctx_info: PredictorInfo) -> Predictor``
-and, when it trains a supervised linear probe on its embedding (scored by ``evaluate --probe linear``),
-  ``LINEAR_PROBE``                 the (weight, bias) keys of that probe in the run state
-The Segmenter (api layer) does flip averaging, tiling, upsampling, CRF and argmax around
-``Predictor.embed`` and ``Predictor.classify``.
+A method is a ``Method`` subclass registered under its name (``registry.register_method``); its
+optional parts have declared defaults here. The Segmenter (api layer) does flip averaging, tiling,
+upsampling, CRF and argmax around ``Predictor.embed`` and ``Predictor.classify``.
 """
 
 from __future__ import annotations
@@ -15,19 +10,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..config import RunConfig
+from ..config import RunConfig, from_dict
 from ..engine import Dist
 
 
 @dataclass
 class FitContext:
     config: RunConfig
-    params: Any                          # the method's Params instance
+    params: Any                          # the method's Params instance (typed, resolved once per fit)
     backbone: nn.Module                  # frozen Backbone
     features: Callable[..., Any]         # features(resolution=None, flip=False) -> FeatureStore or StreamSource (same reads)
     dataset: Any                         # the training SegDataset (images, labels when known)
@@ -117,3 +112,38 @@ class LinearProbe(Predictor):
 
     def classify(self, embedding: torch.Tensor) -> torch.Tensor:
         return torch.einsum("brhw,cr->bchw", embedding, self.weight) + self.bias[None, :, None, None]
+
+
+class Method:
+    """One segmentation method. Subclasses set ``name`` and ``Params`` and implement ``fit`` and
+    ``build_predictor``; every other part has the default declared here.
+
+    ``MIN_CLUSTERS``: the fewest clusters the method can produce. ``LINEAR_PROBE``: the (weight, bias)
+    keys of the supervised linear probe in the run state, scored by ``evaluate --probe linear``, or
+    None when the method trains none.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type]
+    MIN_CLUSTERS: ClassVar[int] = 1
+    LINEAR_PROBE: ClassVar[tuple[str, str] | None] = None
+
+    def parse_params(self, data: dict) -> Any:
+        """The typed ``params:`` section of a run config (unknown keys name the closest one)."""
+        return from_dict(self.Params, data, "params")
+
+    def fit(self, ctx: FitContext) -> dict[str, torch.Tensor]:
+        """Train and return the run state (tensors only, saved as safetensors)."""
+        raise NotImplementedError
+
+    def build_predictor(self, params: Any, state: dict[str, torch.Tensor], info: PredictorInfo) -> Predictor:
+        raise NotImplementedError
+
+    def plan(self, params: Any, clusters: int, n_items: int, dim: int, tokens: int) -> FitPlan:
+        """What ``fit`` will do (``fit --plan``); default: one pass over the features at data.resolution."""
+        return FitPlan([None], [])
+
+    def evaluation_protocol(self, params: Any) -> str | None:
+        """The name of the evaluation protocol a run with these params is scored by instead of the
+        generic one (the evaluating layer implements each name), or None."""
+        return None

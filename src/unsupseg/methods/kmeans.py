@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from ..config import check_clusters
 from ..errors import ConfigError
 from ..features.clustering import gather_tokens, spherical_kmeans
-from .base import FitContext, FitPlan, Predictor, PredictorInfo, cosine_scores
+from .base import FitContext, FitPlan, Method, Predictor, PredictorInfo, cosine_scores
+from .registry import register_method
 
 
 @dataclass
@@ -70,3 +71,18 @@ class KMeansPredictor(Predictor):
 
 def build_predictor(params: Params, state: dict[str, torch.Tensor], info: PredictorInfo) -> Predictor:
     return KMeansPredictor(state["centroids"])
+
+
+@register_method
+class KMeans(Method):
+    name = "kmeans"
+    Params = Params
+
+    def fit(self, ctx: FitContext) -> dict[str, torch.Tensor]:
+        return fit(ctx)
+
+    def build_predictor(self, params: Params, state: dict[str, torch.Tensor], info: PredictorInfo) -> Predictor:
+        return build_predictor(params, state, info)
+
+    def plan(self, params: Params, clusters: int, n_items: int, dim: int, tokens: int) -> FitPlan:
+        return plan(params, self.name, clusters, n_items, dim, tokens)

@@ -35,13 +35,8 @@ from torch import nn
 from ..engine import GeneratorState, Stage, run_stage
 from ..errors import CheckpointError, ConfigError
 from ..features.knn import knn_table, sample_neighbours
-from .base import FitContext, FitPlan, Predictor, PredictorInfo, StagePlan, cosine_scores
-
-
-LINEAR_PROBE = ("linear_probe.weight", "linear_probe.bias")   # on the code, see LinearProbe
-
-
-MIN_CLUSTERS = 2   # one cluster segments nothing; the cluster probe's loss needs a choice
+from .base import FitContext, FitPlan, Method, Predictor, PredictorInfo, StagePlan, cosine_scores
+from .registry import register_method
 
 
 @dataclass
@@ -380,6 +375,27 @@ def neighbour_table(ctx: FitContext, store) -> torch.Tensor:
     return table
 
 
+def load_windows(store, indices: torch.Tensor, windows, c: int | None, labels: bool, device: torch.device):
+    """The features (and labels) of ``indices``' ``c`` x ``c`` windows at ``windows`` (whole maps when
+    ``c`` is None), stacked on ``device``."""
+    index = indices.tolist()
+    # one read for the batch (one backbone pass when the features are streamed), then the windows
+    if len({store.shapes[i] for i in index}) == 1:
+        full, full_labels = store.batch(index), store.labels(index) if labels else None
+    else:
+        full = [store[i].float() for i in index]
+        full_labels = [store.label(i) for i in index] if labels else None
+    maps, maps_labels = [], []
+    for j, (i, (y, x)) in enumerate(zip(index, windows)):
+        maps.append(full[j] if c is None else full[j][:, y : y + c, x : x + c])
+        if labels:
+            lab = full_labels[j]
+            scale = lab.shape[0] // store.shapes[i][1]
+            maps_labels.append(lab if c is None else lab[y * scale : (y + c) * scale, x * scale : (x + c) * scale])
+    feats = torch.stack(maps).to(device)
+    return feats, (torch.stack(maps_labels).to(device) if labels else None)
+
+
 def build_training(ctx: FitContext, store, table: torch.Tensor) -> tuple[Stage, _Trainable]:
     """The training stage (on the shared engine) and the module it trains, for the cached features
     ``store`` and their kNN ``table``."""
@@ -410,25 +426,6 @@ def build_training(ctx: FitContext, store, table: torch.Tensor) -> tuple[Stage, 
         order = torch.randperm(n, generator=torch.Generator().manual_seed(order_seed + epoch))
         return [order[i * params.batch_size : (i + 1) * params.batch_size] for i in range(steps_per_epoch)]
 
-    def load(indices: torch.Tensor, windows, labels: bool):
-        c = params.crop
-        index = indices.tolist()
-        # one read for the batch (one backbone pass when the features are streamed), then the windows
-        if len({store.shapes[i] for i in index}) == 1:
-            full, full_labels = store.batch(index), store.labels(index) if labels else None
-        else:
-            full = [store[i].float() for i in index]
-            full_labels = [store.label(i) for i in index] if labels else None
-        maps, maps_labels = [], []
-        for j, (i, (y, x)) in enumerate(zip(index, windows)):
-            maps.append(full[j] if c is None else full[j][:, y : y + c, x : x + c])
-            if labels:
-                lab = full_labels[j]
-                scale = lab.shape[0] // store.shapes[i][1]
-                maps_labels.append(lab if c is None else lab[y * scale : (y + c) * scale, x * scale : (x + c) * scale])
-        feats = torch.stack(maps).to(device)
-        return feats, (torch.stack(maps_labels).to(device) if labels else None)
-
     def step(i: int, idx: torch.Tensor) -> dict[str, float]:
         # draws for the whole batch on every process (same generator state), then this process's share
         partners = sample_neighbours(table, idx, params.knn_k, sampler)
@@ -436,8 +433,8 @@ def build_training(ctx: FitContext, store, table: torch.Tensor) -> tuple[Stage, 
         win_pos = _windows(len(idx), [map_shapes[j] for j in partners.tolist()], params.crop, sampler)
         coords1 = random_coords(len(idx), params.feature_samples, sampler)[local].to(device)
         coords2 = random_coords(len(idx), params.feature_samples, sampler)[local].to(device)
-        feats, labels = load(idx[local], win[local], num_classes is not None)
-        feats_pos, _ = load(partners[local], win_pos[local], False)
+        feats, labels = load_windows(store, idx[local], win[local], params.crop, num_classes is not None, device)
+        feats_pos, _ = load_windows(store, partners[local], win_pos[local], params.crop, False, device)
         b = len(feats)
         perms = [derangement(b, sampler).to(device) for _ in range(params.neg_samples)]
 
@@ -493,3 +490,20 @@ def fit(ctx: FitContext) -> dict[str, torch.Tensor]:
         state["linear_probe.weight"] = model.linear_probe.weight.detach().clone()
         state["linear_probe.bias"] = model.linear_probe.bias.detach().clone()
     return {k: v.cpu() for k, v in state.items()}
+
+
+@register_method
+class Stego(Method):
+    name = "stego"
+    Params = Params
+    MIN_CLUSTERS = 2   # one cluster segments nothing; the cluster probe's loss needs a choice
+    LINEAR_PROBE = ("linear_probe.weight", "linear_probe.bias")   # on the code, see LinearProbe
+
+    def fit(self, ctx: FitContext) -> dict[str, torch.Tensor]:
+        return fit(ctx)
+
+    def build_predictor(self, params: Params, state: dict[str, torch.Tensor], info: PredictorInfo) -> Predictor:
+        return build_predictor(params, state, info)
+
+    def plan(self, params: Params, clusters: int, n_items: int, dim: int, tokens: int) -> FitPlan:
+        return plan(params, self.name, clusters, n_items, dim, tokens)

@@ -162,7 +162,6 @@ def build_lattice(
     P, d = features.shape
     if P == 0 or d == 0:
         raise ValueError(f"cannot build a lattice over features of shape {tuple(features.shape)}")
-    d1 = d + 1
     if sort_columns is None:  # cuSPARSE wants sorted CSR rows; MKL does not care
         sort_columns = device.type != "cpu"
     if points_per_image is None:
@@ -170,24 +169,63 @@ def build_lattice(
     if batch_index is None:
         batch_index = torch.zeros(P, dtype=torch.int64, device=device)
 
-    def f32(x: float) -> torch.Tensor:
-        return torch.tensor(x, dtype=torch.float32, device=device)
+    elev = _elevate(features)
+    rank, rem0, q0 = _enclosing_simplex(elev)
+    bary = _barycentric(elev, rem0, rank)
+    del elev, rem0
+    grid = _CodeGrid.of(q0, batch_size, pad=points_per_image % 4 != 0)
+    flat, n_real = grid.vertex_codes(q0, rank, batch_index.to(device=device, dtype=torch.int64), batch_size)
+    bary_t = torch.stack(bary, 0)  # (d+1) x P
+    del rank, q0, bary
 
+    uniq, perm, vid, counts, start, order, newid = _number_vertices(flat, n_real, P)
+    del flat
+    splat_crow, splat_col, splat_val = _splat_matrix(perm, counts, start, order, bary_t, P)
+    offsets, weights = _slice_table(perm, vid, newid, bary_t, P, sort_columns)
+    del perm, vid, bary_t
+    neighbors = _blur_neighbors(uniq, newid, grid)
+
+    return PermutohedralLattice(
+        d=d,
+        num_points=P,
+        num_vertices=uniq.numel(),
+        offsets=offsets,
+        weights=weights,
+        splat_crow=splat_crow,
+        splat_col=splat_col,
+        splat_val=splat_val,
+        neighbors=neighbors,
+        blur=_blur_matrices(neighbors, sort_columns),
+    )
+
+
+def _f32(x: float, device: torch.device) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.float32, device=device)
+
+
+def _elevate(features: torch.Tensor) -> list[torch.Tensor]:
+    """y = E f (d+1 columns of P), accumulating from the last coordinate as densecrf does (float32)."""
+    P, d = features.shape
+    device = features.device
     scale = _scale_factors(d)
-    inv_d1, d1_f = f32(1.0 / d1), f32(float(d1))
     cols = [features[:, i].contiguous() for i in range(d)]
-
-    # Elevate y = E f, accumulating from the last coordinate as densecrf does (float32).
-    elev: list[torch.Tensor] = [None] * d1  # type: ignore[list-item]
+    elev: list[torch.Tensor] = [None] * (d + 1)  # type: ignore[list-item]
     sm = torch.zeros(P, dtype=torch.float32, device=device)
     for j in range(d, 0, -1):
-        cf = cols[j - 1] * f32(scale[j - 1])
-        elev[j] = sm - f32(float(j)) * cf
+        cf = cols[j - 1] * _f32(scale[j - 1], device)
+        elev[j] = sm - _f32(float(j), device) * cf
         sm = sm + cf
     elev[0] = sm
-    del cols
+    return elev
 
-    # Closest remainder-0 point by round-half-to-even, its coordinate sum.
+
+def _enclosing_simplex(elev: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """(rank, rem0, q0) per coordinate: the rank of its remainder, the closest remainder-0 point and
+    its quotient rem0 / (d+1) as integers, with densecrf's rounding and tie-breaking."""
+    d1 = len(elev)
+    device = elev[0].device
+    inv_d1, d1_f = _f32(1.0 / d1, device), _f32(float(d1), device)
+    # closest remainder-0 point by round-half-to-even, its coordinate sum
     v = [torch.round(e * inv_d1) for e in elev]
     rem0 = [x * d1_f for x in v]
     vsum = v[0].clone()
@@ -196,17 +234,17 @@ def build_lattice(
     vsum = vsum.to(torch.int64)
     del v
 
-    # Rank of each coordinate's remainder, with densecrf's pairwise tie-breaking.
+    # rank of each coordinate's remainder, with densecrf's pairwise tie-breaking
     diff = [e - r for e, r in zip(elev, rem0)]
     rank = [vsum.clone() for _ in range(d1)]  # includes "rank += sum"
-    for i in range(d):
+    for i in range(d1 - 1):
         for j in range(i + 1, d1):
             c = diff[i] < diff[j]
             rank[i] += c
             rank[j] += ~c
     del diff
 
-    # Bring points that are off the plane back; quotients q0 = rem0 / (d+1) as integers.
+    # bring points that are off the plane back
     q0 = []
     for i in range(d1):
         lo = rank[i] < 0
@@ -215,79 +253,110 @@ def build_lattice(
         rank[i] += fix * d1
         rem0[i] = rem0[i] + fix.to(torch.float32) * d1_f
         q0.append(torch.round(rem0[i] / d1_f).to(torch.int64))
+    return rank, rem0, q0
 
-    # Barycentric coordinates, with densecrf's float operations.
+
+def _barycentric(elev: list[torch.Tensor], rem0: list[torch.Tensor], rank: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The d+1 barycentric weights of each point, with densecrf's float operations."""
+    d1 = len(elev)
+    d = d1 - 1
+    P = elev[0].numel()
+    inv_d1 = _f32(1.0 / d1, elev[0].device)
     vb = [(e - r) * inv_d1 for e, r in zip(elev, rem0)]
-    del elev, rem0
     # by_rank[k] = vb of the coordinate of rank k (rank is a permutation of 0..d per point)
-    by_rank = torch.empty(d1, P, dtype=torch.float32, device=device)
+    by_rank = torch.empty(d1, P, dtype=torch.float32, device=elev[0].device)
     by_rank.scatter_(0, torch.stack(rank, 0), torch.stack(vb, 0))
     del vb
     bary = [by_rank[d] + (1.0 - by_rank[0])]
     bary += [by_rank[d - p] - by_rank[d - p + 1] for p in range(1, d1)]
-    del by_rank
+    return bary
 
-    # Pack vertex codes. Vertex r of a point has key[i] = rem0[i] + r - (d+1) [rank[i] > d - r],
-    # i.e. remainder r and quotient q0[i] - [rank[i] > d - r] in each of the first d coordinates.
-    pad = points_per_image % 4 != 0
-    qmin, qmax = [], []
-    for i in range(d):
-        lo, hi = int(q0[i].min()), int(q0[i].max())
-        if pad:
-            lo, hi = min(lo, 0), max(hi, 0)
-        qmin.append(lo - 2)  # keys go one below q0, blur neighbours one further
-        qmax.append(hi + 1)
-    radix = [hi - lo + 1 for lo, hi in zip(qmin, qmax)]
-    bits = math.log2(batch_size * d1) + sum(math.log2(r) for r in radix)
-    if bits > _MAX_BITS:
-        raise LatticeOverflowError(
-            f"lattice vertex codes need {bits:.1f} bits (> {_MAX_BITS}): filter fewer images at "
-            "once or use larger kernel widths"
-        )
-    stride = [1] * d
-    for i in range(d - 2, -1, -1):
-        stride[i] = stride[i + 1] * radix[i + 1]
-    stride_r = stride[0] * radix[0]
-    stride_b = stride_r * d1
 
-    # codes are laid out remainder-major (d+1 rows of P): entry e = r * P + p.
-    base = batch_index.to(device=device, dtype=torch.int64) * stride_b
-    for i in range(d):
-        base += (q0[i] - qmin[i]) * stride[i]
-    codes = []
-    for r in range(d1):
-        c = base + r * stride_r if r else base
+@dataclass
+class _CodeGrid:
+    """Mixed-radix packing of vertex keys into int64 codes: per coordinate the quotient's offset
+    ``qmin`` and ``stride``; then the remainder (``stride_r``) and the image (``stride_b``)."""
+
+    d: int
+    qmin: list[int]
+    stride: list[int]
+    stride_r: int
+    stride_b: int
+    pad: bool          # densecrf's zero-padding vertices are reproduced (see the module docstring)
+
+    @classmethod
+    def of(cls, q0: list[torch.Tensor], batch_size: int, pad: bool) -> _CodeGrid:
+        d = len(q0) - 1
+        d1 = d + 1
+        qmin, qmax = [], []
         for i in range(d):
-            if d - r < d1 - 1:  # rank[i] > d - r is possible
-                c = c - (rank[i] > d - r).to(torch.int64) * stride[i]
-        codes.append(c)
-    flat = torch.cat(codes)
-    bary_t = torch.stack(bary, 0)  # (d+1) x P
-    del base, rank, q0, codes, bary
-    n_real = flat.numel()
-    if pad:
-        # the simplex at the origin: q0 = 0, rank[i] = i
-        origin = [
-            sum(-qmin[i] * stride[i] for i in range(d))
-            + r * stride_r
-            - sum(stride[i] for i in range(d) if i > d - r)
-            for r in range(d1)
-        ]
-        extra = (
-            torch.arange(batch_size, dtype=torch.int64)[:, None] * stride_b
-            + torch.tensor(origin, dtype=torch.int64)[None, :]
-        ).to(device)
-        flat = torch.cat([flat, extra.reshape(-1)])
+            lo, hi = int(q0[i].min()), int(q0[i].max())
+            if pad:
+                lo, hi = min(lo, 0), max(hi, 0)
+            qmin.append(lo - 2)  # keys go one below q0, blur neighbours one further
+            qmax.append(hi + 1)
+        radix = [hi - lo + 1 for lo, hi in zip(qmin, qmax)]
+        bits = math.log2(batch_size * d1) + sum(math.log2(r) for r in radix)
+        if bits > _MAX_BITS:
+            raise LatticeOverflowError(
+                f"lattice vertex codes need {bits:.1f} bits (> {_MAX_BITS}): filter fewer images at "
+                "once or use larger kernel widths"
+            )
+        stride = [1] * d
+        for i in range(d - 2, -1, -1):
+            stride[i] = stride[i + 1] * radix[i + 1]
+        stride_r = stride[0] * radix[0]
+        return cls(d, qmin, stride, stride_r, stride_r * d1, pad)
 
-    # Deduplicate by sorting. The sort groups equal codes; within a group entries keep their
-    # order e = r * P + p, i.e. increasing point index (all entries of a vertex share r).
+    def vertex_codes(self, q0: list[torch.Tensor], rank: list[torch.Tensor], batch_index: torch.Tensor,
+                     batch_size: int) -> tuple[torch.Tensor, int]:
+        """Codes of every point's d+1 vertices, remainder-major (entry e = r * P + p), then (when
+        padding) the origin simplex of every image; and the number of point entries.
+
+        Vertex r of a point has key[i] = rem0[i] + r - (d+1) [rank[i] > d - r], i.e. remainder r and
+        quotient q0[i] - [rank[i] > d - r] in each of the first d coordinates."""
+        d, d1, stride, stride_r = self.d, self.d + 1, self.stride, self.stride_r
+        base = batch_index * self.stride_b
+        for i in range(d):
+            base += (q0[i] - self.qmin[i]) * stride[i]
+        codes = []
+        for r in range(d1):
+            c = base + r * stride_r if r else base
+            for i in range(d):
+                if d - r < d1 - 1:  # rank[i] > d - r is possible
+                    c = c - (rank[i] > d - r).to(torch.int64) * stride[i]
+            codes.append(c)
+        flat = torch.cat(codes)
+        n_real = flat.numel()
+        if self.pad:
+            # the simplex at the origin: q0 = 0, rank[i] = i
+            origin = [
+                sum(-self.qmin[i] * stride[i] for i in range(d))
+                + r * stride_r
+                - sum(stride[i] for i in range(d) if i > d - r)
+                for r in range(d1)
+            ]
+            extra = (
+                torch.arange(batch_size, dtype=torch.int64)[:, None] * self.stride_b
+                + torch.tensor(origin, dtype=torch.int64)[None, :]
+            ).to(flat.device)
+            flat = torch.cat([flat, extra.reshape(-1)])
+        return flat, n_real
+
+
+def _number_vertices(flat: torch.Tensor, n_real: int, P: int):
+    """Distinct codes (sorted) and the vertex numbering: ``(uniq, perm, vid, counts, start, order,
+    newid)``; ``perm`` sorts the point entries, ``vid`` is each sorted entry's distinct code,
+    ``counts``/``start`` each code's segment, ``newid`` the vertex number of each distinct code."""
+    # The sort groups equal codes; within a group entries keep their order e = r * P + p, i.e.
+    # increasing point index (all entries of a vertex share r).
     sorted_codes, perm = torch.sort(flat, stable=True)
     uniq, vid, counts = torch.unique_consecutive(
         sorted_codes, return_inverse=True, return_counts=True
     )
-    del sorted_codes, flat
+    del sorted_codes
     M = uniq.numel()
-    if pad:  # drop the relay-only origin entries from the splat/slice data
+    if n_real < flat.numel():  # drop the relay-only origin entries from the splat/slice data
         real = perm < n_real
         perm, vid = perm[real], vid[real]
         counts = torch.bincount(vid, minlength=M)
@@ -299,41 +368,49 @@ def build_lattice(
     first = torch.where(counts > 0, torch.remainder(first_e, P), P)
     order = torch.argsort(first, stable=True)  # new vertex k is old vertex order[k]
     newid = torch.empty_like(order)
-    newid[order] = torch.arange(M, device=device)
-    del first
+    newid[order] = torch.arange(M, device=flat.device)
+    return uniq, perm, vid, counts, start, order, newid
 
-    # Splat (vertex-major CSR): the segments of the sorted entries, in the new vertex order.
+
+def _splat_matrix(perm, counts, start, order, bary_t, P: int):
+    """Splat (vertex-major CSR): the segments of the sorted entries, in the new vertex order."""
+    M = order.numel()
     counts_new = counts.index_select(0, order)
-    splat_crow = torch.zeros(M + 1, dtype=torch.int64, device=device)
+    splat_crow = torch.zeros(M + 1, dtype=torch.int64, device=perm.device)
     torch.cumsum(counts_new, 0, out=splat_crow[1:])
     nnz = int(splat_crow[-1])
     src = torch.repeat_interleave(
         start.index_select(0, order) - splat_crow[:-1], counts_new, output_size=nnz
     )
-    src += torch.arange(nnz, device=device)
+    src += torch.arange(nnz, device=perm.device)
     splat_e = perm.index_select(0, src)
     splat_val = bary_t.reshape(-1).index_select(0, splat_e)
     splat_col = torch.remainder(splat_e, P)
-    del src, splat_e, counts, counts_new, start
+    return splat_crow, splat_col, splat_val
 
-    # Slice (point-major): each point's d+1 vertices (sorted by id for cuSPARSE only).
-    inverse = torch.empty(d1 * P, dtype=torch.int64, device=device)
+
+def _slice_table(perm, vid, newid, bary_t, P: int, sort_columns: bool):
+    """Slice (point-major): each point's d+1 vertices and weights (sorted by id for cuSPARSE only)."""
+    d1 = bary_t.shape[0]
+    inverse = torch.empty(d1 * P, dtype=torch.int64, device=perm.device)
     inverse.scatter_(0, perm, newid.index_select(0, vid))
     if sort_columns:
         offsets, o = torch.sort(inverse.view(d1, P).t(), dim=1)
-        weights = torch.gather(bary_t.t(), 1, o)
-        del o
-    else:
-        offsets = inverse.view(d1, P).t().contiguous()
-        weights = bary_t.t().contiguous()
-    del inverse, perm, vid, bary_t
+        return offsets, torch.gather(bary_t.t(), 1, o)
+    return inverse.view(d1, P).t().contiguous(), bary_t.t().contiguous()
 
-    # Blur neighbours: along direction j, n1 = key - 1 except key[j] + d (all - 1 for j = d),
-    # n2 = key + 1 except key[j] - d. In code space n1 is a shift that depends only on whether
-    # r = 0 (uniq is sorted, so it is found by binary search); n2 is the inverse map of n1.
+
+def _blur_neighbors(uniq: torch.Tensor, newid: torch.Tensor, grid: _CodeGrid) -> torch.Tensor:
+    """(d+1) x M x 2 new ids of each vertex's two blur neighbours per direction (-1: none).
+
+    Along direction j, n1 = key - 1 except key[j] + d (all - 1 for j = d), n2 = key + 1 except
+    key[j] - d. In code space n1 is a shift that depends only on whether r = 0 (uniq is sorted, so it
+    is found by binary search); n2 is the inverse map of n1."""
+    d, stride, stride_r = grid.d, grid.stride, grid.stride_r
+    d1, M = d + 1, uniq.numel()
     at_zero = torch.remainder(torch.div(uniq, stride_r, rounding_mode="floor"), d1) == 0
-    neighbors = torch.empty((d1, M, 2), dtype=torch.int64, device=device)
-    n2_buf = torch.empty(M + 1, dtype=torch.int64, device=device)
+    neighbors = torch.empty((d1, M, 2), dtype=torch.int64, device=uniq.device)
+    n2_buf = torch.empty(M + 1, dtype=torch.int64, device=uniq.device)
     for j in range(d1):
         shift_pos = -stride_r + (stride[j] if j < d else 0)
         shift_zero = d * stride_r - sum(stride[i] for i in range(d) if i != j)
@@ -346,20 +423,7 @@ def build_lattice(
         n2_buf.fill_(-1)
         n2_buf.scatter_(0, torch.where(found, dst, M), torch.where(found, newid, -1))
         neighbors[j, :, 1] = n2_buf[:M]
-    blur = _blur_matrices(neighbors, sort_columns)
-
-    return PermutohedralLattice(
-        d=d,
-        num_points=P,
-        num_vertices=M,
-        offsets=offsets,
-        weights=weights,
-        splat_crow=splat_crow,
-        splat_col=splat_col,
-        splat_val=splat_val,
-        neighbors=neighbors,
-        blur=blur,
-    )
+    return neighbors
 
 
 def _blur_matrices(neighbors: torch.Tensor, sort_columns: bool) -> list[torch.Tensor]:

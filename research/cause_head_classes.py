@@ -1,7 +1,7 @@
 """Does a CAUSE head separate a class, and does its cluster probe give that class a cluster? A labelled
 diagnostic of finished runs (labels are read here only, never by a fit).
 
-    python benchmarks/cause_head_classes.py RUN [RUN ...] [--every 4] [--classes car,road]
+    python research/cause_head_classes.py RUN [RUN ...] [--every 4] [--classes car,road]
 
 For every ``--every``-th training image it embeds the cached features with the run's test-time path
 (TR: tiled windows), takes the label at each token's centre, and prints per class:

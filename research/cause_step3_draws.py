@@ -1,8 +1,8 @@
 """How much does CAUSE's Step 3 (the cluster probe) move a run's score? Re-runs Step 3 on a finished
 run's teacher head with other seeds (and optionally another init), then scores each on a labelled split.
 
-    python benchmarks/cause_step3_draws.py RUN --seeds 0,1,2 --dataset camvid --root ../shared/data/camvid
-    python benchmarks/cause_step3_draws.py RUN --seeds 0,1,2 --set cluster_init=kmeans++ ...
+    python research/cause_step3_draws.py RUN --seeds 0,1,2 --dataset camvid --root ../shared/data/camvid
+    python research/cause_step3_draws.py RUN --seeds 0,1,2 --set cluster_init=kmeans++ ...
 
 Steps 1-2 are not re-run: the teacher head and the clusterbook come from the run's weights, the
 training features from the feature cache (built if missing). Prints one line per seed: pixel

@@ -1,8 +1,8 @@
 """Does a CAUSE fit's outcome come from its Step 1 clusterbook or from Steps 2-3? Re-runs Steps 2-3 of
 a finished run (its config and seed) on the clusterbook of another run, then scores a labelled split.
 
-    python benchmarks/cause_clusterbook_swap.py RUN --clusterbook-from OTHER_RUN --dataset camvid --root ../shared/data/camvid
-    python benchmarks/cause_clusterbook_swap.py RUN --clusterbook-from RUN ...   # control: reproduces RUN's fit
+    python research/cause_clusterbook_swap.py RUN --clusterbook-from OTHER_RUN --dataset camvid --root ../shared/data/camvid
+    python research/cause_clusterbook_swap.py RUN --clusterbook-from RUN ...   # control: reproduces RUN's fit
 
 Step 1 is not re-run (its clusterbook is read from OTHER_RUN's weights); Steps 2 and 3 run exactly as in
 ``fit`` (same seed, generators and thread count give the same head as the fit when the clusterbook is

@@ -23,7 +23,7 @@ def load_cause_run(path: Path, changes: dict | None = None):
     config = run.config
     if config.method not in trainer.VARIANTS:
         raise ValueError(f"{path} is a {config.method} run, not a CAUSE one")
-    params = dataclasses.replace(api._method_params(config), **(changes or {}))
+    params = dataclasses.replace(api.resolve_method(config)[1], **(changes or {}))
     dist = init_distributed("cpu", "fp32")
     net = build_backbone(config.backbone.name, config.backbone.weights, device="cpu")
     store, _ = open_features(

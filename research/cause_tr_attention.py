@@ -2,7 +2,7 @@
 cross-attention maps on training windows, and the RMS of its weights, for finished TR runs and for a
 freshly initialised head of the same shape.
 
-    python benchmarks/cause_tr_attention.py RUN [RUN ...] [--windows 32]
+    python research/cause_tr_attention.py RUN [RUN ...] [--windows 32]
 
 An entropy at log(N_q) (printed) is a uniform attention: every query then reads the mean of its
 window, and the decoder adds one vector per window to every token. Runs are not modified.
