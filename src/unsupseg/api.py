@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import __version__, rundir
+from . import labels as labels_file
 from ._io import atomic_path, atomic_write_text, check_writable_dir, check_writable_file, remove_stale_temporaries
 from ._progress import console, track
 from .backbones import build_backbone
@@ -44,7 +45,7 @@ from .features.source import open_features
 from .methods import get_method
 from .methods.base import FitContext, LinearProbe, Predictor, PredictorInfo
 
-__all__ = ["Segmenter", "evaluate", "fit", "fit_config", "load", "plan", "resolve_config", "segment"]
+__all__ = ["Segmenter", "evaluate", "export", "fit", "fit_config", "label", "load", "plan", "resolve_config", "segment"]
 
 # A photo's longer side is processed at most this many times the test resolution (see model_input).
 LONG_SIDE_FACTOR = 8
@@ -521,8 +522,8 @@ class Segmenter:
 
     def predict_stream(self, items: Iterable[tuple[object, Image.Image]], crf: bool | None = None,
                        batch_size: int | None = None, *, name: Callable[[object], str] = str,
-                       on_error: Callable[[object, Exception], None] | None = None,
-                       ) -> Iterator[tuple[object, Image.Image, np.ndarray]]:
+                       on_error: Callable[[object, Exception], None] | None = None, confidence: bool = False,
+                       ) -> Iterator[tuple]:
         """``(key, photo, labels at the photo's size)`` for each ``(key, PIL photo)`` of ``items``.
 
         Photos are grouped by preprocessed size and run ``batch_size`` (default: ``self.batch_size``)
@@ -530,7 +531,8 @@ class Segmenter:
         wait, the largest same-size group runs, so results come out of input order. Memory stays
         bounded by the batch size, whatever the number of photos. ``name(key)`` names a photo in
         warnings. With ``on_error``, a photo that cannot be preprocessed or predicted (and
-        the rest of its batch) is reported to it by key and the stream goes on.
+        the rest of its batch) is reported to it by key and the stream goes on. With ``confidence``,
+        each tuple ends with the maximum probability per pixel (float32, the photo's size) too.
         """
         size = batch_size or self.batch_size
         if size < 1:
@@ -540,15 +542,19 @@ class Segmenter:
         def run(shape):
             group = groups.pop(shape)
             try:
-                labels = self.predict_tensors(torch.stack([t for _, _, t in group]), crf, probabilities=False).labels
+                pred = self.predict_tensors(torch.stack([t for _, _, t in group]), crf, probabilities=confidence)
             except PREDICT_ERRORS as err:
                 if on_error is None:
                     raise
                 for key, _, _ in group:
                     on_error(key, err)
                 return
-            for (key, pil, _), lab in zip(group, labels):
-                yield key, pil, self._displayed(lab, pil)
+            for i, (key, pil, _) in enumerate(group):
+                if confidence:
+                    top = pred.probabilities[i].max(0).values.numpy()
+                    yield key, pil, self._displayed(pred.labels[i], pil), self._displayed_confidence(top, pil)
+                else:
+                    yield key, pil, self._displayed(pred.labels[i], pil)
 
         waiting = 0
         for key, image in items:
@@ -598,6 +604,12 @@ class Segmenter:
                 (pil.width, pil.height), Image.NEAREST
             )
         )
+
+    def _displayed_confidence(self, top: np.ndarray, pil: Image.Image) -> np.ndarray:
+        """Per-pixel confidence resized (bilinear) from the preprocessed size to the photo's."""
+        if top.shape == (pil.height, pil.width):
+            return top
+        return np.asarray(Image.fromarray(top.astype(np.float32), mode="F").resize((pil.width, pil.height), Image.BILINEAR))
 
 
 def tiled_embed(embed: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -974,20 +986,22 @@ def plan_outputs(paths: Sequence[str | os.PathLike], out: str | os.PathLike, str
     return items
 
 
-def _run_identity(seg: Segmenter, crf: bool) -> dict:
+def _run_identity(seg: Segmenter, crf: bool, inputs: Sequence = ()) -> dict:
     digest = hashlib.sha256(json.dumps(to_dict(seg.config), sort_keys=True, default=str).encode())
     digest.update(str(seg.backbone.weights_id).encode())
     for key, value in sorted(seg.predictor.state_dict().items()):
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return {"run": str(seg.path.absolute()) if seg.path is not None else None, "method": seg.config.method,
-            "model_sha256": digest.hexdigest(), "crf": crf}
+            "model_sha256": digest.hexdigest(), "crf": crf, "classes": run_labels(seg).classes,
+            "inputs": [str(Path(p).absolute()) for p in inputs]}
 
 
-def claim_output_folder(seg: Segmenter, out: Path, items: list[OutputItem], crf: bool, overwrite: bool) -> None:
+def claim_output_folder(seg: Segmenter, out: Path, items: list[OutputItem], crf: bool, overwrite: bool,
+                        inputs: Sequence = ()) -> None:
     """Check ``out`` takes files, refuse to mix another run's masks in, and record this run there."""
     check_writable_dir(out, "--out folder")
-    mine = _run_identity(seg, crf)
+    mine = _run_identity(seg, crf, inputs)
     record = out / SEGMENT_RECORD
     if record.is_file() and not overwrite:
         try:
@@ -1000,6 +1014,9 @@ def claim_output_folder(seg: Segmenter, out: Path, items: list[OutputItem], crf:
                 f"CRF {'on' if theirs.get('crf') else 'off'}); choose another --out, or pass --overwrite to "
                 "replace them with this run's"
             )
+        if theirs.get("classes", mine["classes"]) != mine["classes"]:
+            raise OutputError(f"{out} holds masks written before the run's labels.yaml changed; choose another --out, "
+                              "or pass --overwrite to rewrite them with the current names and merges")
     elif not record.is_file() and not overwrite:
         found = next((item for item in items if item.mask.exists() or item.overlay.exists()), None)
         if found is not None:
@@ -1040,6 +1057,7 @@ def segment(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     batch_size: int | None = None,
     precision: str | None = None,
+    confidence: bool = False,
 ) -> SegmentResult:
     """Write ``<name>.png`` (cluster id per pixel, at the photo's displayed size) and
     ``<name>_overlay.jpg`` for every input image; returns the masks written, in the order written.
@@ -1053,7 +1071,9 @@ def segment(
     downscaled with a warning and their outputs written at that size. Every file is written
     atomically. ``out`` records the run; masks of another run there are an error unless
     ``overwrite``. Nothing is ever written onto an input. ``precision`` (auto | bf16 | fp32)
-    applies when ``run`` is a path.
+    applies when ``run`` is a path. With the run's labels.yaml, masks hold class ids (merged clusters,
+    see ``unsupseg.labels``). ``confidence`` also writes ``<name>_confidence.png`` (the maximum
+    probability per pixel, 0-255).
     """
     check_max_pixels(max_pixels)
     out = Path(out)
@@ -1064,7 +1084,7 @@ def segment(
     crf = seg.config.test.crf if crf is None else crf
     dist = init_distributed(seg.device.type)
     if dist.is_main:
-        claim_output_folder(seg, out, items, crf, overwrite)
+        claim_output_folder(seg, out, items, crf, overwrite, inputs)
         # temporary files of earlier calls that were killed (kill -9 skips the clean-up); a live
         # neighbour's are left alone
         remove_stale_temporaries(out, recursive=True)
@@ -1081,7 +1101,7 @@ def segment(
 
     def todo():
         for item in track(mine, len(mine), "segmenting"):
-            if not overwrite and item.done():
+            if not overwrite and item.done() and not (confidence and not confidence_path(item).exists()):
                 result.skipped.append(item.source)
                 continue
             try:
@@ -1091,8 +1111,124 @@ def segment(
                 continue
             yield item, image
 
-    stream = seg.predict_stream(todo(), crf=crf, batch_size=batch_size, name=lambda item: str(item.source), on_error=failed)
-    for item, image, labels in stream:
-        write_outputs(item, image, labels, seg.num_clusters)
+    stream = seg.predict_stream(todo(), crf=crf, batch_size=batch_size, name=lambda item: str(item.source), on_error=failed,
+                                confidence=confidence)
+    names = run_labels(seg)
+    for item, image, labels, *top in stream:
+        write_outputs(item, image, names.apply(labels), len(names.classes))
+        if confidence:
+            write_confidence(item, top[0])
         result.append(item.mask)
     return result
+
+
+# -- names, merges and exports of a run's masks
+
+
+def run_labels(seg: Segmenter) -> labels_file.Labels:
+    """The names and merges of ``seg``'s run (identity labels for a segmenter without a run directory)."""
+    if seg.path is None:
+        return labels_file.identity(seg.num_clusters)
+    return labels_file.load(seg.path, seg.num_clusters)
+
+
+def confidence_path(item: OutputItem) -> Path:
+    return item.mask.with_name(item.mask.stem + "_confidence.png")
+
+
+def write_confidence(item: OutputItem, top: np.ndarray) -> None:
+    with atomic_path(confidence_path(item)) as tmp:
+        Image.fromarray((np.clip(top, 0, 1) * 255).round().astype(np.uint8)).save(tmp, format="PNG")
+
+
+def label(
+    run: str | os.PathLike,
+    names: dict[int, str] | None = None,
+    merges: dict[str, Sequence[int]] | None = None,
+    *,
+    reset: bool = False,
+) -> labels_file.Labels:
+    """Name and merge the clusters of a finished run (its labels.yaml, written atomically).
+
+    ``names`` ({cluster: name}) and ``merges`` ({name: clusters}) are added to those already there (a
+    merge takes its clusters out of earlier merges and names); ``reset`` first removes labels.yaml,
+    so ``label(run, reset=True)`` reverts the run to numbered clusters. Nothing is written when any
+    value is invalid (ConfigError naming it). Returns the labels now in force.
+    """
+    path = Path(run)
+    num_clusters = rundir.load(path).config.clusters
+    current = labels_file.identity(num_clusters) if reset else labels_file.load(path, num_clusters)
+    new_merges = {str(k): list(v) for k, v in (merges or {}).items()}
+    touched = set()
+    for name, members in new_merges.items():
+        for c in members:
+            try:
+                touched.add(int(c))
+            except (TypeError, ValueError):
+                pass      # validate names the bad id
+    all_names = {c: n for c, n in current.names.items() if c not in touched}
+    all_merges = {n: m for n, m in current.merges.items() if not touched & set(m)}
+    all_names.update(names or {})
+    all_merges.update(new_merges)
+    result = labels_file.validate(num_clusters, all_names, all_merges, where=f"labels of {path}")
+    if reset and not names and not merges:
+        labels_file.remove(path)
+    else:
+        labels_file.save(path, result)
+    return result
+
+
+def export(
+    run: str | os.PathLike,
+    masks: str | os.PathLike,
+    format: str,
+    out: str | os.PathLike,
+    *,
+    images: Sequence[str | os.PathLike] | None = None,
+    image_root: str | None = None,
+    overwrite: bool = False,
+) -> "ExportResult":
+    """Export the masks that ``segment`` wrote into ``masks`` for run ``run`` to ``out`` (format coco,
+    cvat, label-studio or png; see ``unsupseg.export``). The photos are those segment was given
+    (recorded in ``masks``) unless ``images``; ``image_root`` prefixes their paths in the COCO and
+    Label Studio files (e.g. a URL). Nothing is exported when a mask is missing, the masks are of
+    another run or of other labels, or ``out`` lies in an input or the masks folder.
+    """
+    from .export import ExportItem, check_format, export_masks
+
+    check_format(format)
+    run_path, masks, out = Path(run), Path(masks), Path(out)
+    loaded = rundir.load(run_path)
+    classes = labels_file.load(run_path, loaded.config.clusters).classes
+    record = masks / SEGMENT_RECORD
+    if not masks.is_dir():
+        raise DataError(f"the masks folder {masks} does not exist; run `unsupseg segment {run} PHOTOS --out {masks}` first")
+    if not record.is_file():
+        raise DataError(f"{masks} holds no masks of `unsupseg segment` (no {SEGMENT_RECORD}); segment the photos first")
+    try:
+        theirs = json.loads(record.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{record} cannot be read ({err})") from None
+    if theirs.get("run") is None or Path(theirs["run"]).resolve() != run_path.resolve():
+        raise DataError(f"the masks in {masks} were written by the run {theirs.get('run')}, not {run_path}")
+    if theirs.get("classes") != classes:
+        raise DataError(f"the masks in {masks} were written before {run_path / labels_file.LABELS} changed; re-run "
+                        "segment with --overwrite to apply the current names and merges")
+    inputs = [Path(p) for p in (images if images else theirs.get("inputs", []))]
+    if not inputs:
+        raise DataError(f"{record} does not say which photos were segmented; pass --images")
+    folders = [p.resolve() if p.is_dir() else p.resolve().parent for p in inputs] + [masks.resolve()]
+    for folder in folders:
+        if out.resolve() == folder or out.resolve().is_relative_to(folder):
+            raise OutputError(f"--out {out} lies in {folder}, a folder of the photos or masks; exports never write "
+                              "there: choose another --out (nothing was written)")
+    planned = plan_outputs(inputs, masks)
+    missing = [item for item in planned if not item.mask.is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(planned)} masks are missing in {masks} (e.g. {missing[0].mask.name} "
+                        f"for {missing[0].source}); run segment to finish them (nothing was exported)")
+    items = [ExportItem(p.name, p.name + p.source.suffix, p.mask, confidence_path(p)) for p in planned]
+    identity = {"masks": str(masks.resolve()), "model_sha256": theirs.get("model_sha256"), "crf": theirs.get("crf")}
+    return export_masks(items, classes, format, out, identity=identity, image_root=image_root,
+                        model_version=f"unsupseg {loaded.config.method} {run_path.name}", overwrite=overwrite,
+                        track=track)
