@@ -1081,6 +1081,7 @@ def segment(
         raise OutputError(f"--out {out} is a file, not a folder; give a folder for the masks and overlays")
     items = plan_outputs(inputs, out, strict)
     seg = run if isinstance(run, Segmenter) else load(run, precision=precision)
+    names = run_labels(seg)       # a bad labels.yaml stops the call before anything is written
     crf = seg.config.test.crf if crf is None else crf
     dist = init_distributed(seg.device.type)
     if dist.is_main:
@@ -1113,7 +1114,6 @@ def segment(
 
     stream = seg.predict_stream(todo(), crf=crf, batch_size=batch_size, name=lambda item: str(item.source), on_error=failed,
                                 confidence=confidence)
-    names = run_labels(seg)
     for item, image, labels, *top in stream:
         write_outputs(item, image, names.apply(labels), len(names.classes))
         if confidence:
@@ -1194,7 +1194,7 @@ def export(
     Label Studio files (e.g. a URL). Nothing is exported when a mask is missing, the masks are of
     another run or of other labels, or ``out`` lies in an input or the masks folder.
     """
-    from .export import ExportItem, check_format, export_masks
+    from .exporters import ExportItem, check_format, export_masks
 
     check_format(format)
     run_path, masks, out = Path(run), Path(masks), Path(out)

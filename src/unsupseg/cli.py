@@ -136,7 +136,7 @@ def segment(
     from .api import segment as api_segment
 
     if export_format is not None:
-        from .export import check_format
+        from .exporters import check_format
 
         check_format(export_format)
     result = api_segment(run_dir, inputs, out_dir, crf=crf, overwrite=overwrite, strict=strict, max_pixels=max_pixels,
