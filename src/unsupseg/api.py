@@ -702,6 +702,7 @@ def evaluate(
     json_path: str | os.PathLike | None = None,
     batch_size: int | None = None,
     precision: str | None = None,
+    merges: bool = True,
 ) -> dict:
     """Score a run on a labelled split under one or more protocols (``matching``: "dataset",
     "per-image", "many-to-one", a list of them or "all"; see ``evaluation.metrics``), all from one
@@ -720,6 +721,10 @@ def evaluate(
     Images of the same size are scored ``batch_size`` at a time (default: the run's ``batch_size`` on
     a GPU, 1 on CPU; see ``Segmenter.batch_size``). ``precision`` (auto | bf16 | fp32) applies when
     ``run`` is a path.
+
+    With the run's labels.yaml (and ``merges``), the classes it defines are scored instead of the
+    clusters (merged clusters are one prediction); ``labels`` in the result holds their names and
+    clusters, and ``mapping`` / ``confusion`` are per class.
     """
     if json_path is not None:
         check_writable_file(json_path, "--json file")
@@ -741,13 +746,15 @@ def evaluate(
         if seg.num_clusters != data.num_classes:
             raise ConfigError(f"the linear probe predicts {seg.num_clusters} classes but {dataset} has {data.num_classes}")
         protocols = ["identity"]
-    else:
-        protocols = _protocols(matching, seg.num_clusters, data.num_classes)
+    merged = run_labels(seg) if probe == "clusters" and merges else labels_file.identity(seg.num_clusters)
+    if probe != "linear":
+        protocols = _protocols(matching, len(merged.classes), data.num_classes)
     prep = seg.eval_preprocess(data)
     kwargs = dict(cache_dir=config.cache_dir, batch_size=config.batch_size, strict=True)
     store = extract_features(seg.backbone, data, prep, description=f"{split} features", **kwargs)
     flipped = extract_features(seg.backbone, data, prep, flip=True, description=f"{split} flipped", **kwargs) if flip else None
-    confusion = ConfusionMatrix(seg.num_clusters, data.num_classes)
+    confusion = ConfusionMatrix(len(merged.classes), data.num_classes)
+    lookup = torch.as_tensor(merged.lookup)
     per_image = PerImageHungarian(data.num_classes)
     chunks = same_shape_chunks(store, batch_size or seg.batch_size)
     for chunk in track(chunks, len(chunks), f"evaluating {dataset}/{split}"):
@@ -757,7 +764,7 @@ def evaluate(
         images = torch.stack([prep.apply(data[i].image)[0] for i in chunk]) if crf else None
         probs = seg._finish(scores, images, crf)
         for pred, label in zip(probs.argmax(1), labels):
-            per_image.add(confusion.update(pred, label))
+            per_image.add(confusion.update(lookup.to(pred.device)[pred], label))
     matchings = {"dataset": "hungarian", "many-to-one": "many-to-one", "identity": "identity"}
     results = {name: per_image.scores() if name == "per-image" else score(confusion, matchings[name]) for name in protocols}
     mapping_from = next((n for n in protocols if n != "per-image"), "dataset")
@@ -780,10 +787,13 @@ def evaluate(
         "confusion": confusion.matrix.tolist(),
         "unsupseg_version": __version__,
     }
+    if merged != labels_file.identity(seg.num_clusters):
+        report["labels"] = {"classes": merged.classes, "clusters": [list(g) for g in merged.groups]}
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(report, indent=2))
     if seg.path is not None:
         key = f"metrics_{dataset}_{split}{'_linear' if probe == 'linear' else ''}{'_crf' if crf else ''}"
+        key += "_labels" if "labels" in report else "
         rundir.update_meta(seg.path, **{key: {
             "pixel_accuracy": report["pixel_accuracy"], "miou": report["miou"], "matching": protocols[0],
             "protocols": {name: {k: p[k] for k in ("pixel_accuracy", "miou")} for name, p in report["protocols"].items()}}})
