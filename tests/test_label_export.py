@@ -112,12 +112,27 @@ def test_masks_hold_merged_class_ids_and_the_record_the_names(labelled):
 # -- exports, read back by the tools' own readers -------------------------------------------------
 
 
+@pytest.mark.parametrize("mask", [
+    np.random.default_rng(0).random((37, 53)) > 0.5,             # short runs
+    np.ones((300, 300), bool),                                    # one run longer than 2^16 bytes
+    (np.arange(400 * 500).reshape(400, 500) % 97) < 40,           # runs of every width class
+    np.ones((1, 2), bool), np.ones((1, 64), bool), np.ones((1, 65), bool), np.zeros((5, 7), bool),
+])
+def test_brush_rle_is_label_studio_converters(mask):
+    converter = pytest.importorskip("label_studio_converter.brush")
+    from unsupseg.exporters.brush import brush_rle
+
+    rle = brush_rle(mask)
+    assert rle == converter.mask2rle((mask * 255).astype(np.uint8))
+    assert np.array_equal(converter.decode_rle(rle).reshape(*mask.shape, 4)[:, :, 3] > 0, mask)
+
+
 def _masks(tmp: Path) -> dict[str, np.ndarray]:
     return {p.stem: np.asarray(Image.open(p)).astype(np.int64) for p in (tmp / "masks").glob("img_??.png")}
 
 
 def test_coco_export_decodes_with_pycocotools_to_the_masks(labelled):
-    from pycocotools.coco import COCO
+    COCO = pytest.importorskip("pycocotools.coco").COCO
 
     tmp, _, _ = labelled
     unsupseg.export(tmp / "run", tmp / "masks", "coco", tmp / "coco", image_root="http://host/photos")
@@ -138,7 +153,7 @@ def test_coco_export_decodes_with_pycocotools_to_the_masks(labelled):
 
 
 def test_label_studio_export_decodes_with_the_converter_to_the_masks(labelled):
-    from label_studio_converter.brush import decode_rle
+    decode_rle = pytest.importorskip("label_studio_converter.brush").decode_rle
 
     tmp, _, _ = labelled
     unsupseg.export(tmp / "run", tmp / "masks", "label-studio", tmp / "ls")
@@ -151,7 +166,7 @@ def test_label_studio_export_decodes_with_the_converter_to_the_masks(labelled):
         union = np.full(mask.shape, -1)
         for region in task["predictions"][0]["result"]:
             h, w = region["original_height"], region["original_width"]
-            pixels = decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 0] > 0
+            pixels = decode_rle(region["value"]["rle"]).reshape(h, w, 4)[:, :, 3] > 0   # alpha, as LS reads it
             union[pixels] = classes.index(region["value"]["brushlabels"][0])
         assert np.array_equal(union, mask)
     config = (tmp / "ls" / "label_config.xml").read_text()

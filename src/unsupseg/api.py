@@ -793,7 +793,7 @@ def evaluate(
         atomic_write_text(json_path, json.dumps(report, indent=2))
     if seg.path is not None:
         key = f"metrics_{dataset}_{split}{'_linear' if probe == 'linear' else ''}{'_crf' if crf else ''}"
-        key += "_labels" if "labels" in report else "
+        key += "_labels" if "labels" in report else ""
         rundir.update_meta(seg.path, **{key: {
             "pixel_accuracy": report["pixel_accuracy"], "miou": report["miou"], "matching": protocols[0],
             "protocols": {name: {k: p[k] for k in ("pixel_accuracy", "miou")} for name, p in report["protocols"].items()}}})

@@ -27,6 +27,7 @@ from PIL import Image
 from .._io import atomic_path, atomic_write_bytes, atomic_write_text, check_writable_dir, remove_stale_temporaries
 from ..errors import ConfigError, DataError, OutputError
 from ..evaluation.visualize import palette
+from .brush import brush_rle
 
 FORMATS = ("coco", "cvat", "label-studio", "png")
 RECORD = ".unsupseg-export.json"
@@ -198,15 +199,13 @@ class _LabelStudio(_Parts):
     key = "label-studio"
 
     def part(self, item, mask, conf):
-        from label_studio_converter.brush import mask2rle
-
         h, w = mask.shape
         result = []
         for k in np.unique(mask).tolist():
-            rle = mask2rle(((mask == k) * 255).astype(np.uint8))
+            rle = brush_rle(mask == k)
             region = {"id": f"c{k}", "from_name": "label", "to_name": "image", "type": "brushlabels",
                       "original_width": w, "original_height": h, "image_rotation": 0,
-                      "value": {"format": "rle", "rle": [int(v) for v in rle], "brushlabels": [self.classes[k]]}}
+                      "value": {"format": "rle", "rle": rle, "brushlabels": [self.classes[k]]}}
             score = _score(conf, mask == k)
             if score is not None:
                 region["score"] = score
@@ -241,12 +240,11 @@ _WRITERS = {"coco": _Coco, "cvat": _Cvat, "label-studio": _LabelStudio, "png": _
 def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    module = {"coco": "pycocotools", "label-studio": "label_studio_converter"}.get(fmt)
-    if module is not None:
+    if fmt == "coco":
         try:
-            __import__(module)
+            import pycocotools  # noqa: F401
         except ImportError:
-            raise ConfigError(f"the {fmt} export needs {module}: pip install 'unsupseg[export]'") from None
+            raise ConfigError("the coco export needs pycocotools: pip install 'unsupseg[export]'") from None
 
 
 class ExportResult(list):
