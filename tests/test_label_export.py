@@ -285,3 +285,32 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(run, tmp_path):
     assert photos == {p: p.read_bytes() for p in (tmp_path / "imgs").iterdir()}
     assert error("export", tmp_path / "run", tmp_path / "m", "--format", "xml", "--out", tmp_path / "e") == (
         "error: unknown export format 'xml'; choose one of coco, cvat, label-studio, png")
+
+
+# -- evaluation and report ------------------------------------------------------------------------
+
+
+def test_evaluate_scores_the_merged_classes(labelled, camvid_root):
+    tmp, _, (sky, a, b) = labelled
+    merged = unsupseg.evaluate(tmp / "run", dataset="camvid", root=camvid_root, split="val", flip=False)
+    plain = unsupseg.evaluate(tmp / "run", dataset="camvid", root=camvid_root, split="val", flip=False, merges=False)
+    lab = labels_file.load(tmp / "run", 11)
+    assert merged["labels"] == {"classes": lab.classes, "clusters": [list(g) for g in lab.groups]}
+    assert "labels" not in plain and len(plain["confusion"]) == 11 and len(merged["confusion"]) == 10
+    # the merged prediction's rows are the sums of its clusters' rows
+    expected = np.zeros((10, len(plain["confusion"][0])), dtype=np.int64)
+    np.add.at(expected, lab.lookup, np.asarray(plain["confusion"], dtype=np.int64))
+    assert np.array_equal(np.asarray(merged["confusion"]), expected)
+
+
+def test_report_names_clusters_and_shows_merge_candidates(labelled):
+    from unsupseg.reporting import build_report
+
+    tmp, _, (sky, a, b) = labelled
+    build_report(tmp / "run", tmp / "report.html", images=tmp / "imgs", log=lambda m: None)
+    html = (tmp / "report.html").read_text()
+    rows = html.split('class="row gallery-row" data-cluster="')[1:]
+    order = [int(row.split('"')[0]) for row in rows]
+    assert sorted(order) == list(range(11)) and order.index(b) == order.index(a) + 1   # merged side by side
+    assert f"cluster {sky} “sky”" in rows[order.index(sky)] and f"cluster {a} “building”" in rows[order.index(a)]
+    assert all("next to: " in row and "similar: " in row for row in rows if "0.0 % of the pixels" not in row)
