@@ -40,7 +40,8 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("label")
     write_images(tmp / "imgs", 3)
     unsupseg.fit("kmeans", images=tmp / "imgs", out=tmp / "run", clusters=11, backbone="efficientnet_lite0",
-                 overrides=["data.resolution=48", "params.restarts=1", f"cache_dir={tmp / 'cache'}"], log=lambda m: None)
+                 overrides=["data.resolution=48", "params.restarts=1", f"cache_dir={tmp / 'cache'}"],
+                 log=lambda m: None)
     unsupseg.segment(tmp / "run", [tmp / "imgs"], tmp / "plain")
     return tmp
 
@@ -270,8 +271,8 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(run, tmp_path):
     assert cli("segment", tmp_path / "run", tmp_path / "imgs", "--out", tmp_path / "m").returncode == 0
     (tmp_path / "m" / "img_01.png").unlink()
     assert error("export", tmp_path / "run", tmp_path / "m", "--format", "coco", "--out", tmp_path / "e") == (
-        f"error: 1 of 3 masks are missing in {tmp_path / 'm'} (e.g. img_01.png for {tmp_path / 'imgs' / 'img_01.png'}); "
-        "run segment to finish them (nothing was exported)")
+        f"error: 1 of 3 masks are missing in {tmp_path / 'm'} (e.g. img_01.png for "
+        f"{tmp_path / 'imgs' / 'img_01.png'}); run segment to finish them (nothing was exported)")
     assert error("export", tmp_path / "run", tmp_path / "none", "--format", "coco", "--out", tmp_path / "e") == (
         f"error: the masks folder {tmp_path / 'none'} does not exist; run `unsupseg segment {tmp_path / 'run'} "
         f"PHOTOS --out {tmp_path / 'none'}` first")
@@ -312,5 +313,6 @@ def test_report_names_clusters_and_shows_merge_candidates(labelled):
     rows = html.split('class="row gallery-row" data-cluster="')[1:]
     order = [int(row.split('"')[0]) for row in rows]
     assert sorted(order) == list(range(11)) and order.index(b) == order.index(a) + 1   # merged side by side
-    assert f"cluster {sky} “sky”" in rows[order.index(sky)] and f"cluster {a} “building”" in rows[order.index(a)]
+    assert f"cluster {sky} “sky”" in rows[order.index(sky)]
+    assert f"cluster {a} “building”" in rows[order.index(a)]
     assert all("next to: " in row and "similar: " in row for row in rows if "0.0 % of the pixels" not in row)

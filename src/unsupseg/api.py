@@ -609,7 +609,8 @@ class Segmenter:
         """Per-pixel confidence resized (bilinear) from the preprocessed size to the photo's."""
         if top.shape == (pil.height, pil.width):
             return top
-        return np.asarray(Image.fromarray(top.astype(np.float32), mode="F").resize((pil.width, pil.height), Image.BILINEAR))
+        resized = Image.fromarray(top.astype(np.float32), mode="F").resize((pil.width, pil.height), Image.BILINEAR)
+        return np.asarray(resized)
 
 
 def tiled_embed(embed: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -1122,8 +1123,8 @@ def segment(
                 continue
             yield item, image
 
-    stream = seg.predict_stream(todo(), crf=crf, batch_size=batch_size, name=lambda item: str(item.source), on_error=failed,
-                                confidence=confidence)
+    stream = seg.predict_stream(todo(), crf=crf, batch_size=batch_size, name=lambda item: str(item.source),
+                                on_error=failed, confidence=confidence)
     for item, image, labels, *top in stream:
         write_outputs(item, image, names.apply(labels), len(names.classes))
         if confidence:
@@ -1197,12 +1198,13 @@ def export(
     images: Sequence[str | os.PathLike] | None = None,
     image_root: str | None = None,
     overwrite: bool = False,
-) -> "ExportResult":
+) -> list[str]:
     """Export the masks that ``segment`` wrote into ``masks`` for run ``run`` to ``out`` (format coco,
     cvat, label-studio or png; see ``unsupseg.export``). The photos are those segment was given
     (recorded in ``masks``) unless ``images``; ``image_root`` prefixes their paths in the COCO and
     Label Studio files (e.g. a URL). Nothing is exported when a mask is missing, the masks are of
-    another run or of other labels, or ``out`` lies in an input or the masks folder.
+    another run or of other labels, or ``out`` lies in an input or the masks folder. Returns the
+    names of the images exported (an ``exporters.ExportResult``: also ``skipped`` and ``files``).
     """
     from .exporters import ExportItem, check_format, export_masks
 
@@ -1212,7 +1214,8 @@ def export(
     classes = labels_file.load(run_path, loaded.config.clusters).classes
     record = masks / SEGMENT_RECORD
     if not masks.is_dir():
-        raise DataError(f"the masks folder {masks} does not exist; run `unsupseg segment {run} PHOTOS --out {masks}` first")
+        raise DataError(f"the masks folder {masks} does not exist; "
+                        f"run `unsupseg segment {run} PHOTOS --out {masks}` first")
     if not record.is_file():
         raise DataError(f"{masks} holds no masks of `unsupseg segment` (no {SEGMENT_RECORD}); segment the photos first")
     try:

@@ -148,7 +148,8 @@ def segment(
         message += f"; {len(result.failed)} images could not be segmented (see the warnings)"
     out.print(message)
     if export_format is not None:
-        _export(run_dir, out_dir, export_format, out_dir.with_name(f"{out_dir.name}-{export_format}"), None, None, overwrite)
+        target = out_dir.with_name(f"{out_dir.name}-{export_format}")
+        _export(run_dir, out_dir, export_format, target, None, None, overwrite)
 
 
 @app.command()

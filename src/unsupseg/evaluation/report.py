@@ -342,7 +342,8 @@ def render_report(data: ReportData) -> str:
     for c in order:
         parts.append(
             f'<span class="legend-item"><span class="swatch" style="background:{_rgb(colours[c])}"></span>'
-            f"{_esc(_cluster_label(c, metrics, data.names))} <span class=\"note\">({100 * data.pixel_share[c]:.1f} % of the pixels shown)</span></span>"
+            f"{_esc(_cluster_label(c, metrics, data.names))} "
+            f"<span class=\"note\">({100 * data.pixel_share[c]:.1f} % of the pixels shown)</span></span>"
         )
     parts.append("</div>")
 

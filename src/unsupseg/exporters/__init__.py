@@ -58,7 +58,8 @@ def read_mask(item: ExportItem, num_classes: int) -> tuple[np.ndarray, np.ndarra
         raise DataError(f"{item.mask} holds class {int(mask.max())} but the run has {num_classes} classes "
                         "(were the masks written with other labels? re-run segment with --overwrite)")
     if conf is not None and conf.shape != mask.shape:
-        raise DataError(f"{item.confidence} is {conf.shape[1]}x{conf.shape[0]}, its mask {mask.shape[1]}x{mask.shape[0]}")
+        raise DataError(f"{item.confidence} is {conf.shape[1]}x{conf.shape[0]}, "
+                        f"its mask {mask.shape[1]}x{mask.shape[0]}")
     return mask.astype(np.int64), conf
 
 
