@@ -195,8 +195,8 @@ def test_cvat_export_imports_in_datumaro_with_names_and_mask_counts(labelled):
 
 
 def test_png_export_loads_in_fiftyone(labelled):
-    fo = pytest.importorskip("fiftyone", reason="FiftyOne is not installed (its MongoDB server does not install "
-                             "offline); the png layout is its ImageSegmentationDirectory")
+    fo = pytest.importorskip("fiftyone", reason="FiftyOne is not installed (it is not in the export extra); "
+                             "the png layout is its ImageSegmentationDirectory")
     tmp, _, _ = labelled
     unsupseg.export(tmp / "run", tmp / "masks", "png", tmp / "png")
     shutil.copytree(tmp / "imgs", tmp / "png" / "data")

@@ -44,7 +44,9 @@ def print_scores(report: dict, title: str) -> None:
     table.add_row("[bold]pixel accuracy", f"[bold]{report['pixel_accuracy']:.1f}")
     out.print(table)
     out.print(
-        f"{report['n_images']} images, {report['num_clusters']} clusters, matching {report['matching']}, "
+        f"{report['n_images']} images, {report['num_clusters']} clusters"
+        + (f" in {len(report['labels']['classes'])} classes (labels.yaml)" if "labels" in report else "")
+        + f", matching {report['matching']}, "
         f"flip {'on' if report['flip'] else 'off'}, CRF {'on' if report['crf'] else 'off'}"
     )
     if len(report.get("protocols", {})) > 1:
