@@ -42,12 +42,12 @@ def camvid(run: Path, root: Path, tmp: Path) -> None:
     unsupseg.segment(seg, [photos], tmp / "masks")
     seconds = time.perf_counter() - start
     print(f"CamVid val, {n} photos, run {run}")
-    print(f"  {'segment':<14} {n / seconds:7.2f} images/s  ({seconds:.1f} s)")
+    print(f"  {'segment':<19} {n / seconds:7.2f} images/s  ({seconds:.1f} s)")
     for fmt in FORMATS:
         start = time.perf_counter()
         unsupseg.export(run, tmp / "masks", fmt, tmp / f"export-{fmt}")
         seconds = time.perf_counter() - start
-        print(f"  export {fmt:<7} {n / seconds:7.2f} images/s  ({seconds:.1f} s)")
+        print(f"  export {fmt:<12} {n / seconds:7.2f} images/s  ({seconds:.1f} s)")
 
 
 def synthetic(n: int, classes: int, tmp: Path, seed: int = 0) -> None:
