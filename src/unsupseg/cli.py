@@ -44,7 +44,9 @@ def print_scores(report: dict, title: str) -> None:
     table.add_row("[bold]pixel accuracy", f"[bold]{report['pixel_accuracy']:.1f}")
     out.print(table)
     out.print(
-        f"{report['n_images']} images, {report['num_clusters']} clusters, matching {report['matching']}, "
+        f"{report['n_images']} images, {report['num_clusters']} clusters"
+        + (f" in {len(report['labels']['classes'])} classes (labels.yaml)" if "labels" in report else "")
+        + f", matching {report['matching']}, "
         f"flip {'on' if report['flip'] else 'off'}, CRF {'on' if report['crf'] else 'off'}"
     )
     if len(report.get("protocols", {})) > 1:
@@ -135,18 +137,28 @@ def segment(
     max_pixels: int = typer.Option(40_000_000, help="Downscale (with a warning) photos larger than this."),
     batch_size: Optional[int] = typer.Option(None, help="Same-size photos per forward pass (default: the run's batch_size on a GPU, 1 on CPU)."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA), bf16 or fp32 (default: the run's)."),
+    confidence: bool = typer.Option(False, help="Also write <name>_confidence.png (max probability per pixel)."),
+    export_format: Optional[str] = typer.Option(None, "--export", help="Then export the masks (coco, cvat, "
+                                                "label-studio or png) to the folder <--out>-<format>."),
 ) -> None:
     """Segment photos with a fitted run (under torchrun, each process takes its share of the photos)."""
     from .api import segment as api_segment
 
+    if export_format is not None:
+        from .exporters import check_format
+
+        check_format(export_format)
     result = api_segment(run, inputs, out_dir, crf=crf, overwrite=overwrite, strict=strict, max_pixels=max_pixels,
-                         batch_size=batch_size, precision=precision)
+                         batch_size=batch_size, precision=precision, confidence=confidence)
     message = f"wrote {len(result)} masks and overlays to {out_dir}"
     if result.skipped:
         message += f"; skipped {len(result.skipped)} images whose outputs were already there (--overwrite redoes them)"
     if result.failed:
         message += f"; {len(result.failed)} images could not be segmented (see the warnings)"
     out.print(message)
+    if export_format is not None:
+        target = out_dir.with_name(f"{out_dir.name}-{export_format}")
+        _export(run, out_dir, export_format, target, None, None, overwrite)
 
 
 @app.command()
@@ -397,6 +409,70 @@ def demo(
     table = run_demo(out_dir, method, _clusters(clusters), overwrite, out.print)
     out.print(table)
     out.print(f"masks and overlays in {out_dir / 'masks'}, report in {out_dir / 'report.html'}")
+
+
+@app.command()
+def label(
+    run: Path = typer.Argument(..., help="A finished run directory."),
+    name: list[str] = typer.Option([], help="CLUSTER=NAME, e.g. 0=sky (repeatable)."),
+    merge: list[str] = typer.Option([], help="CLUSTERS=NAME, e.g. 4,7=building: one class of several clusters "
+                                    "(repeatable)."),
+    reset: bool = typer.Option(False, help="Remove labels.yaml first (alone: back to numbered clusters)."),
+) -> None:
+    """Name and merge a run's clusters (labels.yaml in the run directory); later masks, overlays, reports,
+    evaluations and exports use the names and merged classes. Without options: show them."""
+    from .api import label as api_label
+    from .errors import ConfigError
+    from .labels import parse_merge, parse_name
+
+    names: dict[str, str] = {}
+    for text in name:
+        cluster, value = parse_name(text)
+        if cluster in names:
+            raise ConfigError(f"--name: cluster {cluster} is named twice ({names[cluster]!r} and {value!r})")
+        names[cluster] = value
+    merges: dict[str, list[str]] = {}
+    for text in merge:
+        value, clusters = parse_merge(text)
+        if value.strip() in merges:
+            raise ConfigError(f"--merge: the name {value.strip()!r} is given to two merges")
+        merges[value.strip()] = clusters
+    labels = api_label(run, names=names, merges=merges, reset=reset)
+    table = Table(title=f"classes of {run}")
+    for col in ("class", "name", "clusters"):
+        table.add_column(col)
+    for k, (group, class_name) in enumerate(zip(labels.groups, labels.classes)):
+        table.add_row(str(k), class_name, ", ".join(map(str, group)))
+    out.print(table)
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="A finished run directory."),
+    masks: Path = typer.Argument(..., help="The --out folder of `unsupseg segment` with this run."),
+    export_format: str = typer.Option(..., "--format", help="coco, cvat, label-studio or png."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for the export (never an input or masks folder)."),
+    images: list[Path] = typer.Option([], help="The photos segmented (default: those segment recorded)."),
+    image_root: Optional[str] = typer.Option(None, help="Prefix of the photos' paths in COCO / Label Studio "
+                                             "files (a URL or a folder)."),
+    overwrite: bool = typer.Option(False, help="Redo images already exported, or replace another export."),
+) -> None:
+    """Export a run's masks for annotation tools: COCO RLE, CVAT segmentation masks, Label Studio
+    brush predictions, or plain PNGs with classes.json (FiftyOne)."""
+    _export(run, masks, export_format, out_dir, images or None, image_root, overwrite)
+
+
+def _export(run, masks, export_format, out_dir, images, image_root, overwrite) -> None:
+    from .api import export as api_export
+
+    result = api_export(run, masks, export_format, out_dir, images=images, image_root=image_root,
+                        overwrite=overwrite)
+    message = f"{export_format}: exported {len(result)} images to {out_dir}"
+    if result.skipped:
+        message += f"; skipped {len(result.skipped)} already exported (--overwrite redoes them)"
+    out.print(message)
+    for path in result.files:
+        out.print(f"wrote {path}")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

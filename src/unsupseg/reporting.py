@@ -14,14 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import __version__, rundir
 from ._io import atomic_write_text, check_writable_file
 from ._progress import console, track
-from .api import Segmenter, build_train_dataset, evaluate, load
+from .api import Segmenter, build_train_dataset, evaluate, load, run_labels
 from .data import ImageFolder, build_dataset
 from .errors import ConfigError, DataError
-from .evaluation.report import ClusterGallery, ReportData, ReportImage, render_report
+from .evaluation.report import ClusterGallery, ReportData, ReportImage, adjacency, render_report, top_neighbours
 
 __all__ = ["build_report"]
 
@@ -72,7 +73,7 @@ def build_report(
         log(f"evaluating on {bench[0]}/{bench[2]} ({len(data)} images) for the metrics section")
         # the predictions shown are scored, even for a run whose own protocol scores otherwise
         metrics = evaluate(seg, dataset=bench[0], root=bench[1], split=bench[2], crf=crf, matching=matching,
-                           run_protocol=False)
+                           run_protocol=False, merges=False)   # the report shows clusters (with their names)
         prep = seg.eval_preprocess(data)   # as evaluate scores
     else:
         prep = seg.preprocess()   # as segment/predict see a photo
@@ -105,7 +106,7 @@ def build_report(
     report = ReportData(
         title=title, num_clusters=seg.num_clusters, images=shown, gallery=gallery.rows(),
         pixel_share=gallery.pixel_share(), summary=summary, metrics=metrics, notes=notes,
-        cluster_count=meta.get("clusters_auto"),
+        cluster_count=meta.get("clusters_auto"), **_naming_aids(seg, shown),
     )
     out = Path(out)
     atomic_write_text(out, render_report(report))
@@ -156,6 +157,25 @@ def _segment_shown(seg: Segmenter, data, prep, gallery: ClusterGallery, max_imag
         gallery.add(pixels, pred.probabilities.numpy())
         shown.append(ReportImage(sample.id, pixels, pred.labels, None if label is None else label.numpy()))
     return shown
+
+
+def _naming_aids(seg: Segmenter, shown: list[ReportImage]) -> dict:
+    """The run's cluster names (merged clusters side by side), each cluster's most frequent neighbours
+    in the images shown and, when the head has centroids, its nearest centroids."""
+    k = seg.num_clusters
+    labels = run_labels(seg)
+    names: list[str | None] = [None] * k
+    for group, name in zip(labels.groups, labels.classes):
+        for c in group:
+            names[c] = name if labels.names.get(c) or len(group) > 1 else None
+    border = sum(adjacency(item.labels, k) for item in shown)
+    centroids = getattr(seg.predictor, "centroids", None)
+    similar = None
+    if isinstance(centroids, torch.Tensor) and centroids.shape[0] == k:
+        unit = torch.nn.functional.normalize(centroids.detach().float().cpu(), dim=1)
+        similar = top_neighbours((unit @ unit.T).numpy())
+    return {"names": names, "order": [c for group in labels.groups for c in group],
+            "adjacent": top_neighbours(border, share=True), "similar": similar}
 
 
 def _read_meta(path: Path | None) -> dict:

@@ -14,6 +14,7 @@ from .outputs import (
     OutputItem,
     SegmentResult,
     claim_output_folder,
+    confidence_path,
     plan_outputs,
     segment,
     write_outputs,
@@ -30,6 +31,7 @@ from .resolve import (
     resolve_method,
     resolve_run,
 )
+from .labelling import export, label
 from .scoring import (
     PROBES,
     _protocols,
@@ -45,8 +47,11 @@ from .segmenter import (
     Segmenter,
     check_max_pixels,
     load,
+    run_labels,
     tiled_embed,
 )
 from .training import fit, plan
 
-__all__ = ["Segmenter", "evaluate", "fit", "fit_config", "load", "plan", "resolve_config", "segment"]
+__all__ = [
+    "Segmenter", "evaluate", "export", "fit", "fit_config", "label", "load", "plan", "resolve_config", "segment",
+]

@@ -24,7 +24,7 @@ from ..data.images import DEFAULT_MAX_PIXELS, DataWarning
 from ..engine import init_distributed
 from ..errors import DataError, OutputError
 from ..evaluation.visualize import overlay
-from .segmenter import Segmenter, check_max_pixels, load
+from .segmenter import Segmenter, check_max_pixels, load, run_labels
 
 # Beside the masks: which run (and CRF setting) wrote them, so that a later call does not mix runs in
 # one folder, and a folder holding it is known to hold outputs (never read back as inputs).
@@ -102,20 +102,22 @@ def plan_outputs(paths: Sequence[str | os.PathLike], out: str | os.PathLike, str
     return items
 
 
-def _run_identity(seg: Segmenter, crf: bool) -> dict:
+def _run_identity(seg: Segmenter, crf: bool, inputs: Sequence = ()) -> dict:
     digest = hashlib.sha256(json.dumps(to_dict(seg.config), sort_keys=True, default=str).encode())
     digest.update(str(seg.backbone.weights_id).encode())
     for key, value in sorted(seg.predictor.state_dict().items()):
         digest.update(key.encode())
         digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return {"run": str(seg.path.absolute()) if seg.path is not None else None, "method": seg.config.method,
-            "model_sha256": digest.hexdigest(), "crf": crf}
+            "model_sha256": digest.hexdigest(), "crf": crf, "classes": run_labels(seg).classes,
+            "inputs": [str(Path(p).absolute()) for p in inputs]}
 
 
-def claim_output_folder(seg: Segmenter, out: Path, items: list[OutputItem], crf: bool, overwrite: bool) -> None:
+def claim_output_folder(seg: Segmenter, out: Path, items: list[OutputItem], crf: bool, overwrite: bool,
+                        inputs: Sequence = ()) -> None:
     """Check ``out`` takes files, refuse to mix another run's masks in, and record this run there."""
     check_writable_dir(out, "--out folder")
-    mine = _run_identity(seg, crf)
+    mine = _run_identity(seg, crf, inputs)
     record = out / SEGMENT_RECORD
     if record.is_file() and not overwrite:
         try:
@@ -128,6 +130,9 @@ def claim_output_folder(seg: Segmenter, out: Path, items: list[OutputItem], crf:
                 f"CRF {'on' if theirs.get('crf') else 'off'}); choose another --out, or pass --overwrite to "
                 "replace them with this run's"
             )
+        if theirs.get("classes", mine["classes"]) != mine["classes"]:
+            raise OutputError(f"{out} holds masks written before the run's labels.yaml changed; choose another --out, "
+                              "or pass --overwrite to rewrite them with the current names and merges")
     elif not record.is_file() and not overwrite:
         found = next((item for item in items if item.mask.exists() or item.overlay.exists()), None)
         if found is not None:
@@ -168,6 +173,7 @@ def segment(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     batch_size: int | None = None,
     precision: str | None = None,
+    confidence: bool = False,
 ) -> SegmentResult:
     """Write ``<name>.png`` (cluster id per pixel, at the photo's displayed size) and
     ``<name>_overlay.jpg`` for every input image; returns the masks written, in the order written.
@@ -181,7 +187,9 @@ def segment(
     downscaled with a warning and their outputs written at that size. Every file is written
     atomically. ``out`` records the run; masks of another run there are an error unless
     ``overwrite``. Nothing is ever written onto an input. ``precision`` (auto | bf16 | fp32)
-    applies when ``run`` is a path.
+    applies when ``run`` is a path. With the run's labels.yaml, masks hold class ids (merged clusters,
+    see ``unsupseg.labels``). ``confidence`` also writes ``<name>_confidence.png`` (the maximum
+    probability per pixel, 0-255).
     """
     check_max_pixels(max_pixels)
     out = Path(out)
@@ -189,10 +197,11 @@ def segment(
         raise OutputError(f"--out {out} is a file, not a folder; give a folder for the masks and overlays")
     items = plan_outputs(inputs, out, strict)
     seg = run if isinstance(run, Segmenter) else load(run, precision=precision)
+    names = run_labels(seg)       # a bad labels.yaml stops the call before anything is written
     crf = seg.config.test.crf if crf is None else crf
     dist = init_distributed(seg.device.type)
     if dist.is_main:
-        claim_output_folder(seg, out, items, crf, overwrite)
+        claim_output_folder(seg, out, items, crf, overwrite, inputs)
         # temporary files of earlier calls that were killed (kill -9 skips the clean-up); a live
         # neighbour's are left alone
         remove_stale_temporaries(out, recursive=True)
@@ -209,7 +218,7 @@ def segment(
 
     def todo():
         for item in track(mine, len(mine), "segmenting"):
-            if not overwrite and item.done():
+            if not overwrite and item.done() and not (confidence and not confidence_path(item).exists()):
                 result.skipped.append(item.source)
                 continue
             try:
@@ -219,8 +228,20 @@ def segment(
                 continue
             yield item, image
 
-    stream = seg.predict_stream(todo(), crf=crf, batch_size=batch_size, name=lambda item: str(item.source), on_error=failed)
-    for item, image, labels in stream:
-        write_outputs(item, image, labels, seg.num_clusters)
+    stream = seg.predict_stream(todo(), crf=crf, batch_size=batch_size, name=lambda item: str(item.source),
+                                on_error=failed, confidence=confidence)
+    for item, image, labels, *top in stream:
+        write_outputs(item, image, names.apply(labels), len(names.classes))
+        if confidence:
+            write_confidence(item, top[0])
         result.append(item.mask)
     return result
+
+
+def confidence_path(item: OutputItem) -> Path:
+    return item.mask.with_name(item.mask.stem + "_confidence.png")
+
+
+def write_confidence(item: OutputItem, top: np.ndarray) -> None:
+    with atomic_path(confidence_path(item)) as tmp:
+        Image.fromarray((np.clip(top, 0, 1) * 255).round().astype(np.uint8)).save(tmp, format="PNG")

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import __version__, rundir
+from .. import labels as labels_file
 from .._io import atomic_write_text, check_writable_file
 from .._progress import track
 from ..data import build_dataset
@@ -18,7 +19,7 @@ from ..evaluation.metrics import PROTOCOLS, ConfusionMatrix, PerImageHungarian, 
 from ..features.extract import extract_features
 from ..methods.base import LinearProbe
 from .method_protocols import METHOD_PROTOCOLS
-from .segmenter import Segmenter, load
+from .segmenter import Segmenter, load, run_labels
 
 PROBES = ("clusters", "linear")
 
@@ -74,6 +75,7 @@ def evaluate(
     json_path: str | os.PathLike | None = None,
     batch_size: int | None = None,
     precision: str | None = None,
+    merges: bool = True,
 ) -> dict:
     """Score a run on a labelled split under one or more protocols (``matching``: "dataset",
     "per-image", "many-to-one", a list of them or "all"; see ``evaluation.metrics``), all from one
@@ -93,6 +95,10 @@ def evaluate(
     Images of the same size are scored ``batch_size`` at a time (default: the run's ``batch_size`` on
     a GPU, 1 on CPU; see ``Segmenter.batch_size``). ``precision`` (auto | bf16 | fp32) applies when
     ``run`` is a path.
+
+    With the run's labels.yaml (and ``merges``), the classes it defines are scored instead of the
+    clusters (merged clusters are one prediction); ``labels`` in the result holds their names and
+    clusters, and ``mapping`` / ``confusion`` are per class.
     """
     if json_path is not None:
         check_writable_file(json_path, "--json file")
@@ -108,13 +114,18 @@ def evaluate(
     data = build_dataset(dataset, str(root), split)
     if data.num_classes is None:
         raise ConfigError(f"dataset {dataset!r} split {split!r} has no labels to evaluate against")
-    seg, protocols = _scored(seg, probe, matching, dataset, data.num_classes)
+    merged = run_labels(seg) if probe == "clusters" and merges else None
+    seg, protocols = _scored(seg, probe, matching, dataset, data.num_classes,
+                             len(merged.classes) if merged is not None else None)
+    if merged is None:
+        merged = labels_file.identity(seg.num_clusters)
     prep = seg.eval_preprocess(data)
     kwargs = dict(cache_dir=config.cache_dir, batch_size=config.batch_size, strict=True)
     store = extract_features(seg.backbone, data, prep, description=f"{split} features", **kwargs)
     flipped = extract_features(seg.backbone, data, prep, flip=True, description=f"{split} flipped", **kwargs) if flip else None
     chunks = same_shape_chunks(store, batch_size or seg.batch_size)
-    confusion, per_image = _confusion(seg, data, prep, store, flipped, crf, chunks, f"evaluating {dataset}/{split}")
+    confusion, per_image = _confusion(seg, data, prep, store, flipped, crf, chunks, f"evaluating {dataset}/{split}",
+                                      merged)
     report = {
         **_protocol_scores(confusion, per_image, protocols, data.classes),
         "n_images": len(store),
@@ -127,20 +138,25 @@ def evaluate(
         "confusion": confusion.matrix.tolist(),
         "unsupseg_version": __version__,
     }
+    if merged != labels_file.identity(seg.num_clusters):
+        report["labels"] = {"classes": merged.classes, "clusters": [list(g) for g in merged.groups]}
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(report, indent=2))
     if seg.path is not None:
         key = f"metrics_{dataset}_{split}{'_linear' if probe == 'linear' else ''}{'_crf' if crf else ''}"
+        key += "_labels" if "labels" in report else ""
         rundir.update_meta(seg.path, **{key: {
             "pixel_accuracy": report["pixel_accuracy"], "miou": report["miou"], "matching": protocols[0],
             "protocols": {name: {k: p[k] for k in ("pixel_accuracy", "miou")} for name, p in report["protocols"].items()}}})
     return report
 
 
-def _scored(seg: Segmenter, probe: str, matching, dataset: str, num_classes: int) -> tuple[Segmenter, list[str]]:
-    """The Segmenter scored (the run's, or its linear probe's) and the protocols it is scored by."""
+def _scored(seg: Segmenter, probe: str, matching, dataset: str, num_classes: int,
+            num_predicted: int | None = None) -> tuple[Segmenter, list[str]]:
+    """The Segmenter scored (the run's, or its linear probe's) and the protocols it is scored by
+    (``num_predicted``: the classes of the run's labels.yaml, default its clusters)."""
     if probe == "clusters":
-        return seg, _protocols(matching, seg.num_clusters, num_classes)
+        return seg, _protocols(matching, num_predicted or seg.num_clusters, num_classes)
     if matching:
         raise ConfigError("--probe linear predicts the classes themselves (identity mapping): leave out --matching")
     seg = linear_probe_segmenter(seg)
@@ -149,9 +165,12 @@ def _scored(seg: Segmenter, probe: str, matching, dataset: str, num_classes: int
     return seg, ["identity"]
 
 
-def _confusion(seg: Segmenter, data, prep, store, flipped, crf: bool, chunks: list[list[int]], title: str):
-    """The split's confusion matrix (clusters x classes) and per-image matchings, one forward per chunk."""
-    confusion = ConfusionMatrix(seg.num_clusters, data.num_classes)
+def _confusion(seg: Segmenter, data, prep, store, flipped, crf: bool, chunks: list[list[int]], title: str,
+               merged: labels_file.Labels):
+    """The split's confusion matrix (predicted classes of ``merged`` x classes) and per-image matchings,
+    one forward per chunk."""
+    confusion = ConfusionMatrix(len(merged.classes), data.num_classes)
+    lookup = torch.as_tensor(merged.lookup)
     per_image = PerImageHungarian(data.num_classes)
     for chunk in track(chunks, len(chunks), title):
         labels = store.labels(chunk)
@@ -160,7 +179,7 @@ def _confusion(seg: Segmenter, data, prep, store, flipped, crf: bool, chunks: li
         images = torch.stack([prep.apply(data[i].image)[0] for i in chunk]) if crf else None
         probs = seg._finish(scores, images, crf)
         for pred, label in zip(probs.argmax(1), labels):
-            per_image.add(confusion.update(pred, label))
+            per_image.add(confusion.update(lookup.to(pred.device)[pred], label))
     return confusion, per_image
 
 

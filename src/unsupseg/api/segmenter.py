@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .. import labels as labels_file
 from .. import rundir
 from ..backbones import build_backbone
 from ..config import (
@@ -188,8 +189,8 @@ class Segmenter:
 
     def predict_stream(self, items: Iterable[tuple[object, Image.Image]], *, crf: bool | None = None,
                        batch_size: int | None = None, name: Callable[[object], str] = str,
-                       on_error: Callable[[object, Exception], None] | None = None,
-                       ) -> Iterator[tuple[object, Image.Image, np.ndarray]]:
+                       on_error: Callable[[object, Exception], None] | None = None, confidence: bool = False,
+                       ) -> Iterator[tuple]:
         """``(key, photo, labels at the photo's size)`` for each ``(key, PIL photo)`` of ``items``.
 
         Photos are grouped by preprocessed size and run ``batch_size`` (default: ``self.batch_size``)
@@ -197,7 +198,8 @@ class Segmenter:
         wait, the largest same-size group runs, so results come out of input order. Memory stays
         bounded by the batch size, whatever the number of photos. ``name(key)`` names a photo in
         warnings. With ``on_error``, a photo that cannot be preprocessed or predicted (and
-        the rest of its batch) is reported to it by key and the stream goes on.
+        the rest of its batch) is reported to it by key and the stream goes on. With ``confidence``,
+        each tuple ends with the maximum probability per pixel (float32, the photo's size) too.
         """
         size = batch_size or self.batch_size
         if size < 1:
@@ -207,15 +209,19 @@ class Segmenter:
         def run(shape):
             group = groups.pop(shape)
             try:
-                labels = self.predict_tensors(torch.stack([t for _, _, t in group]), crf=crf, probabilities=False).labels
+                pred = self.predict_tensors(torch.stack([t for _, _, t in group]), crf=crf, probabilities=confidence)
             except PREDICT_ERRORS as err:
                 if on_error is None:
                     raise
                 for key, _, _ in group:
                     on_error(key, err)
                 return
-            for (key, pil, _), lab in zip(group, labels):
-                yield key, pil, self._displayed(lab, pil)
+            for i, (key, pil, _) in enumerate(group):
+                if confidence:
+                    top = pred.probabilities[i].max(0).values.numpy()
+                    yield key, pil, self._displayed(pred.labels[i], pil), self._displayed_confidence(top, pil)
+                else:
+                    yield key, pil, self._displayed(pred.labels[i], pil)
 
         waiting = 0
         for key, image in items:
@@ -266,6 +272,13 @@ class Segmenter:
             )
         )
 
+    def _displayed_confidence(self, top: np.ndarray, pil: Image.Image) -> np.ndarray:
+        """Per-pixel confidence resized (bilinear) from the preprocessed size to the photo's."""
+        if top.shape == (pil.height, pil.width):
+            return top
+        resized = Image.fromarray(top.astype(np.float32), mode="F").resize((pil.width, pil.height), Image.BILINEAR)
+        return np.asarray(resized)
+
 
 def tiled_embed(embed: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Run a fixed-grid head over overlapping windows (stride half a window) covering the whole map,
@@ -298,3 +311,10 @@ def tiled_embed(embed: Callable[[torch.Tensor], torch.Tensor], features: torch.T
 def load(run: str | os.PathLike, *, device: str | None = None, precision: str | None = None) -> Segmenter:
     """Rebuild the Segmenter of a finished run directory (``precision``: auto | bf16 | fp32, default the run's)."""
     return Segmenter.from_run(rundir.load(run), device=device, precision=precision)
+
+
+def run_labels(seg: Segmenter) -> labels_file.Labels:
+    """The names and merges of ``seg``'s run (identity labels for a segmenter without a run directory)."""
+    if seg.path is None:
+        return labels_file.identity(seg.num_clusters)
+    return labels_file.load(seg.path, seg.num_clusters)

@@ -46,6 +46,10 @@ class ReportData:
     metrics: dict | None = None          # the dict of unsupseg.evaluate(), when labels exist
     notes: list[str] = field(default_factory=list)
     cluster_count: dict | None = None    # the clusters-auto curve of the run (meta.json "clusters_auto")
+    names: list[str | None] | None = None      # per cluster: its name in the run's labels.yaml (None: unnamed)
+    order: list[int] | None = None             # clusters in the order shown (merged clusters side by side)
+    adjacent: list[list[tuple[int, float]]] | None = None   # per cluster: (neighbour, share of its border)
+    similar: list[list[tuple[int, float]]] | None = None    # per cluster: (cluster, centroid cosine)
 
 
 class ClusterGallery:
@@ -112,6 +116,26 @@ class ClusterGallery:
     def pixel_share(self) -> list[float]:
         total = int(self._pixels.sum())
         return [float(n) / total if total else 0.0 for n in self._pixels]
+
+
+def adjacency(labels: np.ndarray, num_clusters: int) -> np.ndarray:
+    """K x K counts of 4-neighbour pixel pairs whose clusters differ (symmetric, zero diagonal)."""
+    counts = np.zeros((num_clusters, num_clusters), dtype=np.int64)
+    for a, b in ((labels[:, 1:], labels[:, :-1]), (labels[1:], labels[:-1])):
+        differ = a != b
+        np.add.at(counts, (a[differ], b[differ]), 1)
+    return counts + counts.T
+
+
+def top_neighbours(matrix: np.ndarray, top: int = 3, share: bool = False) -> list[list[tuple[int, float]]]:
+    """Per row, the ``top`` other columns of largest value (as a share of the row's sum when ``share``)."""
+    out = []
+    for k, row in enumerate(np.asarray(matrix, dtype=np.float64)):
+        total = row.sum() - row[k]
+        values = row / total if share and total > 0 else row
+        others = [j for j in np.argsort(-values, kind="stable") if j != k and (not share or row[j] > 0)]
+        out.append([(int(j), float(values[j])) for j in others[:top]])
+    return out
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -272,11 +296,12 @@ def _img(uri: str, alt: str, cls: str = "", style: str = "") -> str:
     return f'<img src="{uri}" alt="{_esc(alt)}"{attrs}>'
 
 
-def _cluster_label(k: int, metrics: dict | None) -> str:
+def _cluster_label(k: int, metrics: dict | None, names: list[str | None] | None = None) -> str:
+    base = f"cluster {k}" + (f" “{names[k]}”" if names and names[k] else "")
     if metrics is None:
-        return f"cluster {k}"
+        return base
     cls = metrics["mapping"][k]
-    return f"cluster {k} → {_class_names(metrics)[cls]}" if cls >= 0 else f"cluster {k} (unmatched)"
+    return f"{base} → {_class_names(metrics)[cls]}" if cls >= 0 else f"{base} (unmatched)"
 
 
 def render_report(data: ReportData) -> str:
@@ -312,11 +337,13 @@ def render_report(data: ReportData) -> str:
         )
         parts.append(_img(_cluster_count_chart(c), "clusters auto criterion over K", cls="chart cluster-count-chart"))
 
+    order = data.order or list(range(k))
     parts.append('<h2 id="legend">Legend</h2><div class="legend">')
-    for c in range(k):
+    for c in order:
         parts.append(
             f'<span class="legend-item"><span class="swatch" style="background:{_rgb(colours[c])}"></span>'
-            f"{_esc(_cluster_label(c, metrics))} <span class=\"note\">({100 * data.pixel_share[c]:.1f} % of the pixels shown)</span></span>"
+            f"{_esc(_cluster_label(c, metrics, data.names))} "
+            f"<span class=\"note\">({100 * data.pixel_share[c]:.1f} % of the pixels shown)</span></span>"
         )
     parts.append("</div>")
 
@@ -335,22 +362,34 @@ def render_report(data: ReportData) -> str:
         parts.append(f'<div class="card overlay-card"><div class="name">{_esc(item.name)}</div>{figures}</div>')
 
     parts.append('<h2 id="gallery">Cluster gallery</h2><p class="note">For each cluster, the image patches '
-                 "centred on the pixels of highest probability for it, best first.</p>")
-    for c in range(k):
+                 "centred on the pixels of highest probability for it, best first; the clusters it borders most "
+                 "often in the images shown, and those of most similar centroid (merge candidates). Name and merge "
+                 "with <code>unsupseg label RUN --name 3=road --merge 4,7=building</code>.</p>")
+    for c in order:
         patches = "".join(
             _img(_image_uri(p), f"cluster {c} patch {i}", style=f"border-color:{_rgb(colours[c])}")
             for i, p in enumerate(data.gallery[c])
         ) or '<span class="note">no patch</span>'
         parts.append(
             f'<div class="row gallery-row" data-cluster="{c}"><div class="head"><span class="swatch" '
-            f'style="background:{_rgb(colours[c])}"></span>{_esc(_cluster_label(c, metrics))}<br>'
-            f'<span class="note">{100 * data.pixel_share[c]:.1f} % of the pixels shown</span></div>{patches}</div>'
+            f'style="background:{_rgb(colours[c])}"></span>{_esc(_cluster_label(c, metrics, data.names))}<br>'
+            f'<span class="note">{100 * data.pixel_share[c]:.1f} % of the pixels shown{_relations(c, data)}</span>'
+            f'</div>{patches}</div>'
         )
 
     if metrics is not None:
         parts.append(_metrics_section(metrics, colours, class_colours))
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _relations(c: int, data: ReportData) -> str:
+    out = ""
+    if data.adjacent and data.adjacent[c]:
+        out += "<br>next to: " + ", ".join(f"{j} ({100 * v:.0f} %)" for j, v in data.adjacent[c])
+    if data.similar and data.similar[c]:
+        out += "<br>similar: " + ", ".join(f"{j} ({v:.2f})" for j, v in data.similar[c])
+    return out
 
 
 def _metrics_section(metrics: dict, colours: np.ndarray, class_colours: np.ndarray) -> str:
