@@ -225,7 +225,7 @@ def finetune_leopart(
 ) -> None:
     """Leopart dense self-supervised fine-tuning of a ViT; the result is a backbone weights file."""
     from .config import apply_overrides
-    from .methods.leopart_finetune import finetune
+    from .methods.leopart.finetune import finetune
 
     params = apply_overrides({}, set_)
     path = finetune(backbone, images, out_dir, weights=weights, epochs=epochs, batch_size=batch_size, steps=steps,

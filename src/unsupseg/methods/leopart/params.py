@@ -1,0 +1,65 @@
+"""Leopart's fully unsupervised segmentation: its settings (``params`` of a run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...errors import ConfigError
+
+FOREGROUNDS = ("cbfe", "all")
+SALIENCIES = ("auto", "attention", "distinctiveness", "precomputed")
+PROTOCOLS = ("label-free", "reference")
+COMMUNITIES = ("auto", "infomap", "louvain")
+
+
+MIN_CLUSTERS = 2   # the merge step joins over-clusters into at least two groups
+
+
+@dataclass
+class Params:
+    pca_dim: int = 50
+    k_fg: int = 200                      # CBFE over-clustering (spherical k-means)
+    k_cd: int = 149                      # foreground over-clustering (L2 k-means) = graph nodes
+    markov_time: float = 2.0             # Infomap's markov time (mt)
+    weight_threshold: float = 0.09       # co-occurrence edge threshold (wt)
+    foreground: str = "cbfe"             # cbfe | all (every token is foreground: no CBFE)
+    saliency: str = "auto"               # auto (attention for ViTs, else distinctiveness) | attention | distinctiveness
+                                         # | precomputed (binary masks DIR/attn_dino_{split}.pt, as the reference's)
+    saliency_dir: str | None = None      # saliency: precomputed: the folder of attn_dino_{train,val}.pt
+    saliency_mass: float = 0.65          # share of the blurred saliency kept as noisy foreground
+    cbfe_threshold: float | None = None  # tau; None: Otsu on the cluster scores
+    reference_threshold: bool = False    # the reference's tau from ground-truth masks (needs labels)
+    map_size: int = 100                  # side of the maps the statistics are counted on
+    community: str = "auto"              # auto (infomap, else louvain) | infomap | louvain
+    trials: int = 1                      # Infomap trials (best code length kept)
+    louvain_resolution: float = 1.0
+    kmeans_iterations: int = 100
+    kmeans_restarts: int = 5
+    points_per_centroid: int = 256       # k-means trains on at most this many points per centroid
+    protocol: str = "label-free"         # label-free | reference (the reference's transductive protocol)
+    eval_split: str = "val"              # protocol reference: the split clustered with the training data
+    runs: int = 10                       # protocol reference: Infomap seeds 1..runs, scores averaged
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+
+def _check(p: Params) -> None:
+    for name in ("pca_dim", "k_fg", "k_cd", "map_size", "trials", "kmeans_iterations", "kmeans_restarts", "points_per_centroid",
+                 "runs"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"params.{name} must be >= 1, got {getattr(p, name)}")
+    for name, value, options in (("foreground", p.foreground, FOREGROUNDS), ("saliency", p.saliency, SALIENCIES),
+                                 ("community", p.community, COMMUNITIES), ("protocol", p.protocol, PROTOCOLS)):
+        if value not in options:
+            raise ConfigError(f"params.{name} must be one of {', '.join(options)}, got {value!r}")
+    if not 0 < p.saliency_mass <= 1:
+        raise ConfigError(f"params.saliency_mass must be in (0, 1], got {p.saliency_mass}")
+    if p.cbfe_threshold is not None and not 0 <= p.cbfe_threshold <= 1:
+        raise ConfigError(f"params.cbfe_threshold must be in [0, 1] or null, got {p.cbfe_threshold}")
+    if p.reference_threshold and p.cbfe_threshold is not None:
+        raise ConfigError("params.reference_threshold and params.cbfe_threshold exclude each other; set one")
+    if p.markov_time <= 0 or p.louvain_resolution <= 0 or p.weight_threshold < 0:
+        raise ConfigError("params.markov_time and params.louvain_resolution must be > 0, params.weight_threshold >= 0")
+    if p.saliency == "precomputed" and not p.saliency_dir:
+        raise ConfigError("params.saliency=precomputed needs params.saliency_dir (the folder of attn_dino_{split}.pt)")
