@@ -36,15 +36,14 @@ def reference_label_map(pca: PCA, fg_centroids: Tensor, fg_set: Tensor, cd_centr
     return torch.where(fg, labels, k_cd)
 
 
-def fit_reference(ctx: FitContext, p: Params, clusters: int, backend: str) -> dict[str, Tensor]:
-    """The reference's transductive protocol (module docstring): train + eval split clustered jointly."""
+def _joint_items(ctx: FitContext, p: Params):
+    """(training store, eval store, eval dataset, eval transform): the two splits clustered together."""
     cfg, stride = ctx.config, ctx.backbone.stride
     if not cfg.data.dataset or not cfg.data.root:
         raise ConfigError("params.protocol=reference clusters the training split together with params.eval_split: "
                           "it needs --dataset NAME --root DIR")
     if p.eval_split == cfg.data.split:
         raise ConfigError(f"params.eval_split must differ from the training split ({cfg.data.split!r})")
-    tic = time.perf_counter()
     train = ctx.features()
     eval_data = build_dataset(cfg.data.dataset, cfg.data.root, p.eval_split)
     # the transform `unsupseg evaluate` uses for this split, so that it reads these features from the cache
@@ -52,39 +51,42 @@ def fit_reference(ctx: FitContext, p: Params, clusters: int, backend: str) -> di
                                           interpolation=cfg.test.interpolation)
     held = extract_features(ctx.backbone, eval_data, eval_prep, cache_dir=cfg.cache_dir, batch_size=cfg.batch_size,
                             strict=True, description=f"{p.eval_split} features")
-    stores, n_train = (train, held), len(train)
-    items = [(s, i) for s in stores for i in range(len(s))]
-    shapes = [tuple(s.shapes[i][1:]) for s, i in items]
-    pca = fit_pca(lambda: (s[i].float().flatten(1).T for s, i in items), p.pca_dim)
-    tokens = torch.cat([pca.transform(s[i].float().flatten(1).T) for s, i in items])
-    ctx.log(f"leopart (reference protocol): PCA {train.dim} -> {p.pca_dim} of {len(tokens)} tokens of "
-            f"{n_train} {cfg.data.split} + {len(held)} {p.eval_split} images ({time.perf_counter() - tic:.0f} s)")
+    return train, held, eval_data, eval_prep
 
-    fg_centroids, fg_train, fg_eval = torch.zeros(0, p.pca_dim), torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.bool)
-    scores_train, scores_eval, tau = torch.zeros(0), torch.zeros(0), 0.0
-    if p.foreground == "cbfe":
-        noisy = (noisy_foreground(ctx, p, train, ctx.dataset, train_preprocess(ctx), cfg.data.split)
-                 + noisy_foreground(ctx, p, held, eval_data, eval_prep, p.eval_split))
-        fg_centroids = kmeans(tokens, p.k_fg, spherical=True, generator=ctx.generator(1), iterations=p.kmeans_iterations,
-                              restarts=p.kmeans_restarts, points_per_centroid=p.points_per_centroid)
-        labels = assign(tokens, fg_centroids, spherical=True)[0]
-        small = [resize_nearest(m.reshape(h, w), p.map_size) for m, (h, w) in zip(labels.split([h * w for h, w in shapes]), shapes)]
-        noisy_small = [resize_nearest(m, p.map_size) for m in noisy]
-        scores_train = cluster_precision_scores(small[:n_train], noisy_small[:n_train], p.k_fg)
-        scores_eval = cluster_precision_scores(small[n_train:], noisy_small[n_train:], p.k_fg)
-        tau = cbfe_tau(ctx, p, scores_train, small[:n_train], train)
-        fg_train, fg_eval = scores_train >= tau, scores_eval >= tau
-        if not fg_train.any() or not fg_eval.any():
-            raise ConfigError(f"CBFE: no cluster scores >= {tau:.3f} in one split; lower params.cbfe_threshold")
-        ctx.log(f"leopart: CBFE tau {tau:.3f}: {int(fg_train.sum())} {cfg.data.split} / {int(fg_eval.sum())} "
-                f"{p.eval_split} foreground clusters of {p.k_fg} ({time.perf_counter() - tic:.0f} s)")
 
-    # foreground over-clustering of the map_size^2 pixels: pixel -> the token it replicates
+def _joint_cbfe(ctx: FitContext, p: Params, tokens: Tensor, shapes, train, held, eval_data, eval_prep) -> dict:
+    """CBFE on both splits' tokens: one spherical k-means, tau from the training scores, each split's
+    foreground clusters from its own scores."""
+    cfg, n_train = ctx.config, len(train)
+    noisy = (noisy_foreground(ctx, p, train, ctx.dataset, train_preprocess(ctx), cfg.data.split)
+             + noisy_foreground(ctx, p, held, eval_data, eval_prep, p.eval_split))
+    centroids = kmeans(tokens, p.k_fg, spherical=True, generator=ctx.generator(1), iterations=p.kmeans_iterations,
+                       restarts=p.kmeans_restarts, points_per_centroid=p.points_per_centroid)
+    labels = assign(tokens, centroids, spherical=True)[0]
+    small = [resize_nearest(m.reshape(h, w), p.map_size) for m, (h, w) in zip(labels.split([h * w for h, w in shapes]), shapes)]
+    noisy_small = [resize_nearest(m, p.map_size) for m in noisy]
+    scores_train = cluster_precision_scores(small[:n_train], noisy_small[:n_train], p.k_fg)
+    scores_eval = cluster_precision_scores(small[n_train:], noisy_small[n_train:], p.k_fg)
+    tau = cbfe_tau(ctx, p, scores_train, small[:n_train], train)
+    fg_train, fg_eval = scores_train >= tau, scores_eval >= tau
+    if not fg_train.any() or not fg_eval.any():
+        raise ConfigError(f"CBFE: no cluster scores >= {tau:.3f} in one split; lower params.cbfe_threshold")
+    ctx.log(f"leopart: CBFE tau {tau:.3f}: {int(fg_train.sum())} {cfg.data.split} / {int(fg_eval.sum())} "
+            f"{p.eval_split} foreground clusters of {p.k_fg}")
+    fg_token = torch.cat([fg_train[labels[: sum(h * w for h, w in shapes[:n_train])]],
+                          fg_eval[labels[sum(h * w for h, w in shapes[:n_train]):]]])
+    return {"fg_centroids": centroids, "fg_train": fg_train, "fg_eval": fg_eval, "scores_train": scores_train,
+            "scores_eval": scores_eval, "tau": tau, "fg_token": fg_token}
+
+
+def _pixel_overclustering(ctx: FitContext, p: Params, tokens: Tensor, shapes, fg_token: Tensor | None) -> Tensor:
+    """k_cd centroids of the foreground over-clustering of the map_size^2 pixels, each pixel carrying
+    the PCA features of the token it replicates (``fg_token`` None: every token is foreground)."""
+    stride = ctx.backbone.stride
     offsets = torch.cumsum(torch.tensor([0] + [h * w for h, w in shapes]), 0)
     pixel_token = torch.stack([resize_nearest(torch.arange(h * w).reshape(h, w), p.map_size) + offsets[k]
                                for k, (h, w) in enumerate(shapes)])
-    if len(fg_centroids):
-        fg_token = torch.cat([fg_train[labels[: offsets[n_train]]], fg_eval[labels[offsets[n_train]:]]])
+    if fg_token is not None:
         masks = torch.stack([resize_nearest(resize_nearest(resize_nearest(fg_token[offsets[k]: offsets[k + 1]].reshape(h, w), p.map_size),
                                              (h * stride, w * stride)), p.map_size) for k, (h, w) in enumerate(shapes)])
     else:
@@ -96,11 +98,12 @@ def fit_reference(ctx: FitContext, p: Params, clusters: int, backend: str) -> di
     limit = p.points_per_centroid * p.k_cd
     if len(fg_pixels) > limit:   # faiss' training subsample, drawn among pixels
         fg_pixels = fg_pixels[torch.randperm(len(fg_pixels), generator=generator)[:limit]]
-    cd_centroids = kmeans(tokens[fg_pixels], p.k_cd, spherical=False, generator=generator, iterations=p.kmeans_iterations,
-                          restarts=p.kmeans_restarts, points_per_centroid=p.points_per_centroid)
-    label_maps = [reference_label_map(pca, fg_centroids, fg_train if k < n_train else fg_eval, cd_centroids, s[i], stride,
-                                      p.map_size) for k, (s, i) in enumerate(items)]
+    return kmeans(tokens[fg_pixels], p.k_cd, spherical=False, generator=generator, iterations=p.kmeans_iterations,
+                  restarts=p.kmeans_restarts, points_per_centroid=p.points_per_centroid)
 
+
+def _community_runs(ctx: FitContext, p: Params, label_maps: list[Tensor], clusters: int, backend: str) -> Tensor:
+    """runs x (k_cd + 1) label -> community tables, one per Infomap seed 1..runs."""
     n_labels = p.k_cd + 1
     edges = build_graph(cooccurrence(label_maps, n_labels), p.weight_threshold)
     sizes = torch.bincount(torch.stack(label_maps).reshape(-1), minlength=n_labels).double()
@@ -114,18 +117,42 @@ def fit_reference(ctx: FitContext, p: Params, clusters: int, backend: str) -> di
             modules = limit_communities(modules, edges, number, sizes)
             ctx.log(f"leopart: seed {seed}: {backend} found {found} communities, merged into {number}")
         tables.append(community_table(n_labels, modules))
-    ctx.log(f"leopart: {len(edges)} edges; {p.runs} {backend} runs ({time.perf_counter() - tic:.0f} s)")
+    ctx.log(f"leopart: {len(edges)} edges; {p.runs} {backend} runs")
+    return torch.stack(tables)
+
+
+def fit_reference(ctx: FitContext, p: Params, clusters: int, backend: str) -> dict[str, Tensor]:
+    """The reference's transductive protocol (module docstring): train + eval split clustered jointly."""
+    tic = time.perf_counter()
+    train, held, eval_data, eval_prep = _joint_items(ctx, p)
+    items = [(s, i) for s in (train, held) for i in range(len(s))]
+    shapes = [tuple(s.shapes[i][1:]) for s, i in items]
+    pca = fit_pca(lambda: (s[i].float().flatten(1).T for s, i in items), p.pca_dim)
+    tokens = torch.cat([pca.transform(s[i].float().flatten(1).T) for s, i in items])
+    ctx.log(f"leopart (reference protocol): PCA {train.dim} -> {p.pca_dim} of {len(tokens)} tokens of "
+            f"{len(train)} {ctx.config.data.split} + {len(held)} {p.eval_split} images "
+            f"({time.perf_counter() - tic:.0f} s)")
+    none = torch.zeros(0, dtype=torch.bool)
+    fg = {"fg_centroids": torch.zeros(0, p.pca_dim), "fg_train": none, "fg_eval": none, "scores_train": torch.zeros(0),
+          "scores_eval": torch.zeros(0), "tau": 0.0, "fg_token": None}
+    if p.foreground == "cbfe":
+        fg = _joint_cbfe(ctx, p, tokens, shapes, train, held, eval_data, eval_prep)
+    cd_centroids = _pixel_overclustering(ctx, p, tokens, shapes, fg["fg_token"])
+    label_maps = [reference_label_map(pca, fg["fg_centroids"], fg["fg_train"] if k < len(train) else fg["fg_eval"],
+                                      cd_centroids, s[i], ctx.backbone.stride, p.map_size) for k, (s, i) in enumerate(items)]
+    tables = _community_runs(ctx, p, label_maps, clusters, backend)
+    ctx.log(f"leopart (reference protocol): fitted in {time.perf_counter() - tic:.0f} s")
     return {
         "pca_mean": pca.mean,
         "pca_std": pca.std,
         "pca_components": pca.components,
-        "fg_centroids": fg_centroids,
-        "fg_clusters": fg_train,
-        "fg_clusters_eval": fg_eval,
-        "cluster_scores": scores_train,
-        "cluster_scores_eval": scores_eval,
-        "fg_threshold": torch.tensor(float(tau)),
+        "fg_centroids": fg["fg_centroids"],
+        "fg_clusters": fg["fg_train"],
+        "fg_clusters_eval": fg["fg_eval"],
+        "cluster_scores": fg["scores_train"],
+        "cluster_scores_eval": fg["scores_eval"],
+        "fg_threshold": torch.tensor(float(fg["tau"])),
         "cd_centroids": cd_centroids,
-        "communities": tables[0],
-        "community_runs": torch.stack(tables),
+        "communities": tables[0].clone(),   # safetensors refuses tensors that share memory
+        "community_runs": tables,
     }
