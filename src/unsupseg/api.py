@@ -805,7 +805,7 @@ def evaluate_leopart_reference(
     size = params.map_size
     confusions = None
     for i in track(range(len(store)), len(store), f"evaluating {dataset}/{split} (Leopart reference protocol)"):
-        maps = seg.predictor.reference_label_maps(store[i], seg.backbone.stride, size)
+        maps = seg.predictor.reference_label_maps(store[i], size)
         label = F.interpolate(store.label(i)[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
         if confusions is None:
             confusions = [ConfusionMatrix(seg.num_clusters, data.num_classes) for _ in range(len(maps))]

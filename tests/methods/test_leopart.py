@@ -345,7 +345,7 @@ def test_reference_protocol_is_transductive_and_scores_every_seed(tmp_path):
     assert plain["matching"] == "dataset" and len(plain["mapping"]) == 3
 
 
-def test_reference_label_map_uses_each_split_foreground_and_the_input_round_trip():
+def test_reference_label_map_uses_each_split_foreground_at_map_size():
     from unsupseg.features.clustering import PCA
     from unsupseg.methods.leopart import reference_label_map
 
@@ -354,15 +354,38 @@ def test_reference_label_map_uses_each_split_foreground_and_the_input_round_trip
     cd_centroids = torch.tensor([[1.0, 0.0], [5.0, 0.0]])
     # 1 x 3 tokens: +x near (fg, cd 0), +x far (fg, cd 1), +y (cluster 1)
     features = torch.tensor([[1.0, 5.0, 0.0], [0.0, 0.0, 3.0]]).reshape(2, 1, 3)
-    # cd labels at 4 x 4: tokens 0, 0, 1, 2 -> cd 0, 0, 1, 0. The fg mask (tokens 0, 0, 1, 2 too) goes
-    # through the 2 x 6 input and back, as the reference's stored masks: 4 -> 6 repeats columns
-    # 0, 0, 1, 2, 2, 3 and 6 -> 4 takes 0, 1, 3, 4, so the mask's columns become 0, 0, 2, 2
-    only_x = reference_label_map(pca, fg_centroids, torch.tensor([True, False]), cd_centroids, features, 2, 4)
-    assert only_x.tolist() == [[0, 0, 1, 0]] * 4        # column 3 takes column 2's foreground
-    only_y = reference_label_map(pca, fg_centroids, torch.tensor([False, True]), cd_centroids, features, 2, 4)
-    assert only_y.tolist() == [[2, 2, 2, 2]] * 4        # the last column's foreground is lost on the way
-    everything = reference_label_map(pca, torch.zeros(0, 2), torch.zeros(0, dtype=torch.bool), cd_centroids, features, 2, 4)
+    # at 4 x 4 the columns replicate tokens 0, 0, 1, 2 (cd 0, 0, 1, 0); the foreground mask is made at
+    # 4 x 4 too, as the reference builds and uses it (no round trip through the 2 x 6 input)
+    only_x = reference_label_map(pca, fg_centroids, torch.tensor([True, False]), cd_centroids, features, 4)
+    assert only_x.tolist() == [[0, 0, 1, 2]] * 4        # token 2 is background (label k_cd = 2)
+    only_y = reference_label_map(pca, fg_centroids, torch.tensor([False, True]), cd_centroids, features, 4)
+    assert only_y.tolist() == [[2, 2, 2, 0]] * 4
+    everything = reference_label_map(pca, torch.zeros(0, 2), torch.zeros(0, dtype=torch.bool), cd_centroids, features, 4)
     assert everything.tolist() == [[0, 0, 1, 0]] * 4
+
+
+def test_reference_protocol_alone_takes_tau_from_ground_truth_and_says_so(tmp_path):
+    from unsupseg.methods.leopart.params import Params, resolve_protocol
+
+    resolved, notes = resolve_protocol(Params(protocol="reference", saliency_dir=str(tmp_path)))
+    assert resolved.reference_threshold is True and resolved.saliency == "precomputed"
+    assert f"noisy foreground from the masks in {tmp_path}" in notes
+    label_free, notes = resolve_protocol(Params())
+    assert label_free.reference_threshold is False and label_free.saliency == "auto" and notes == []
+    fixed, _ = resolve_protocol(Params(protocol="reference", cbfe_threshold=0.3))
+    assert fixed.reference_threshold is False and fixed.cbfe_threshold == 0.3
+
+    root = _camvid_tree(tmp_path / "camvid")
+    lines = []
+    unsupseg.fit("leopart", out=tmp_path / "run", dataset="camvid", root=root, backbone="efficientnet_lite0",
+                 backbone_weights="random", clusters=3, log=lines.append,
+                 overrides=[f"cache_dir={tmp_path / 'cache'}", "data.resolution=64", "params.k_fg=8", "params.k_cd=6",
+                            "params.weight_threshold=0.01", "params.kmeans_restarts=1", "params.map_size=16",
+                            "params.protocol=reference", "params.runs=1", "params.foreground=cbfe",
+                            "params.saliency=distinctiveness"])
+    said = [line for line in lines if line.startswith("leopart: protocol reference: ")]
+    assert len(said) == 1 and "CBFE threshold from training ground truth" in said[0]
+    assert any(" from ground truth (cut " in line for line in lines)
 
 
 def test_precomputed_saliency_files(tmp_path):

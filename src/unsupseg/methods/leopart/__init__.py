@@ -24,13 +24,15 @@ Two protocols (``params.protocol``):
   community). Clustering runs at token resolution; only the statistics (precision scores,
   co-occurrence) use the nearest-resized maps. One community detection (best of ``trials``), and
   ``clusters`` communities when no cluster is left out of the graph.
-- ``reference``: what the reference's ``fully_unsup_seg.py`` does, for reproducing its table. The
+- ``reference``: what the reference's ``fully_unsup_seg.py`` does, for reproducing its table; the switch
+  alone also takes tau from the training ground truth and the noisy foreground from ``saliency_dir``
+  when set (``params.resolve_protocol``; the fit logs each decision). The
   training split and ``eval_split`` are clustered together (transductive: joint PCA, joint CBFE
   k-means, joint foreground over-clustering and co-occurrence); tau comes from the training scores
   and each split keeps the clusters whose own scores reach it (val's foreground from val's
   saliency); the foreground over-clustering runs on the ``map_size`` x ``map_size`` pixels whose PCA
   features are the nearest-replicated tokens (so pixels weigh by the area they cover), and the CBFE
-  masks make the reference's round trip through the input size; Infomap runs once per seed 1..``runs``
+  masks are made at ``map_size``, as the reference builds and uses them; Infomap runs once per seed 1..``runs``
   (the reference loops over seeds 0..9, which current Infomap rejects: seed must be >= 1), always
   asking for ``clusters - 1`` communities, label 0 for clusters outside the graph. ``unsupseg
   evaluate`` then scores ``eval_split`` as the reference does: label maps at ``map_size``, ground truth

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ...errors import ConfigError
 
@@ -23,12 +23,14 @@ class Params:
     markov_time: float = 2.0             # Infomap's markov time (mt)
     weight_threshold: float = 0.09       # co-occurrence edge threshold (wt)
     foreground: str = "cbfe"             # cbfe | all (every token is foreground: no CBFE)
-    saliency: str = "auto"               # auto (attention for ViTs, else distinctiveness) | attention | distinctiveness
+    saliency: str = "auto"               # auto (precomputed when saliency_dir is set, else attention for ViTs, else
+                                         # distinctiveness) | attention | distinctiveness
                                          # | precomputed (binary masks DIR/attn_dino_{split}.pt, as the reference's)
     saliency_dir: str | None = None      # saliency: precomputed: the folder of attn_dino_{train,val}.pt
     saliency_mass: float = 0.65          # share of the blurred saliency kept as noisy foreground
     cbfe_threshold: float | None = None  # tau; None: Otsu on the cluster scores
-    reference_threshold: bool = False    # the reference's tau from ground-truth masks (needs labels)
+    reference_threshold: bool | None = None  # the reference's tau from ground-truth masks (needs labels);
+                                             # None: as the protocol (reference: yes unless cbfe_threshold is set)
     map_size: int = 100                  # side of the maps the statistics are counted on
     community: str = "auto"              # auto (infomap, else louvain) | infomap | louvain
     trials: int = 1                      # Infomap trials (best code length kept)
@@ -63,3 +65,28 @@ def _check(p: Params) -> None:
         raise ConfigError("params.markov_time and params.louvain_resolution must be > 0, params.weight_threshold >= 0")
     if p.saliency == "precomputed" and not p.saliency_dir:
         raise ConfigError("params.saliency=precomputed needs params.saliency_dir (the folder of attn_dino_{split}.pt)")
+
+
+def resolve_protocol(p: Params) -> tuple[Params, list[str]]:
+    """``p`` with every setting left to the protocol decided, and a note per decision for the log:
+    ``protocol: reference`` alone takes tau from the training ground truth and the noisy foreground
+    from the masks in ``saliency_dir`` (the reference's precomputed DINO masks) when given."""
+    notes = []
+    reference = p.protocol == "reference"
+    threshold = p.reference_threshold
+    if threshold is None:
+        threshold = reference and p.cbfe_threshold is None
+        if reference and p.foreground == "cbfe":
+            notes.append("CBFE threshold from training ground truth" if threshold
+                         else f"CBFE threshold {p.cbfe_threshold} (params.cbfe_threshold)")
+    saliency = p.saliency
+    if saliency == "auto" and p.saliency_dir:
+        saliency = "precomputed"
+    if reference and p.foreground == "cbfe":
+        notes.append(f"noisy foreground from the masks in {p.saliency_dir}" if saliency == "precomputed" else
+                     f"noisy foreground from saliency {saliency} (the reference reads precomputed DINO masks: "
+                     "params.saliency_dir=DIR of attn_dino_{train,val}.pt)")
+    if reference:
+        notes += ["training and params.eval_split clustered together",
+                  f"one Infomap trial per seed 1..{p.runs}, asking for clusters - 1 communities"]
+    return replace(p, reference_threshold=threshold, saliency=saliency), notes

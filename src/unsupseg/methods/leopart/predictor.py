@@ -35,14 +35,14 @@ class LeopartPredictor(Predictor):
         self.fg_clusters_eval = state["fg_clusters_eval"].bool() if "fg_clusters_eval" in state else None
         self.community_runs = state["community_runs"].long() if "community_runs" in state else None
 
-    def reference_label_maps(self, features: Tensor, stride: int, map_size: int) -> Tensor:
+    def reference_label_maps(self, features: Tensor, map_size: int) -> Tensor:
         """runs x map_size x map_size community ids of one image of the eval split (D x h x w
         features), one map per Infomap seed, as the reference protocol scores them."""
         if self.community_runs is None:
             raise ConfigError("this Leopart run was not fitted with params.protocol=reference")
         pca = PCA(self.pca_mean.cpu(), self.pca_std.cpu(), self.pca_components.cpu())
         labels = reference_label_map(pca, self.fg_centroids.cpu(), self.fg_clusters_eval, self.cd_centroids.cpu(),
-                                     features.cpu(), stride, map_size)
+                                     features.cpu(), map_size)
         return self.community_runs[:, labels]
 
     def embed(self, features: Tensor) -> Tensor:

@@ -19,12 +19,11 @@ from .params import Params
 
 
 def reference_label_map(pca: PCA, fg_centroids: Tensor, fg_set: Tensor, cd_centroids: Tensor, features: Tensor,
-                        stride: int, map_size: int) -> Tensor:
+                        map_size: int) -> Tensor:
     """map_size x map_size labels (0..k_cd-1 foreground clusters, k_cd background) of one image's
     D x h x w features under the reference protocol: PCA tokens, CBFE foreground from the clusters in
-    ``fg_set`` (none: all foreground) made at map_size and taken through the input size and back
-    (the reference stores its CBFE masks at the input size), cd cluster of each nearest-replicated
-    pixel (the cluster of its token)."""
+    ``fg_set`` (none: all foreground) and cd cluster of each nearest-replicated pixel (the cluster of
+    its token), both at map_size as the reference builds and uses them."""
     d, h, w = features.shape
     tokens = pca.transform(features.float().flatten(1).T)
     k_cd = len(cd_centroids)
@@ -32,7 +31,6 @@ def reference_label_map(pca: PCA, fg_centroids: Tensor, fg_set: Tensor, cd_centr
     if len(fg_centroids) == 0:
         return labels
     fg = resize_nearest(fg_set[assign(tokens, fg_centroids, spherical=True)[0]].reshape(h, w), map_size)
-    fg = resize_nearest(resize_nearest(fg, (h * stride, w * stride)), map_size)
     return torch.where(fg, labels, k_cd)
 
 
@@ -82,13 +80,12 @@ def _joint_cbfe(ctx: FitContext, p: Params, tokens: Tensor, shapes, train, held,
 def _pixel_overclustering(ctx: FitContext, p: Params, tokens: Tensor, shapes, fg_token: Tensor | None) -> Tensor:
     """k_cd centroids of the foreground over-clustering of the map_size^2 pixels, each pixel carrying
     the PCA features of the token it replicates (``fg_token`` None: every token is foreground)."""
-    stride = ctx.backbone.stride
     offsets = torch.cumsum(torch.tensor([0] + [h * w for h, w in shapes]), 0)
     pixel_token = torch.stack([resize_nearest(torch.arange(h * w).reshape(h, w), p.map_size) + offsets[k]
                                for k, (h, w) in enumerate(shapes)])
     if fg_token is not None:
-        masks = torch.stack([resize_nearest(resize_nearest(resize_nearest(fg_token[offsets[k]: offsets[k + 1]].reshape(h, w), p.map_size),
-                                             (h * stride, w * stride)), p.map_size) for k, (h, w) in enumerate(shapes)])
+        masks = torch.stack([resize_nearest(fg_token[offsets[k]: offsets[k + 1]].reshape(h, w), p.map_size)
+                             for k, (h, w) in enumerate(shapes)])
     else:
         masks = torch.ones_like(pixel_token, dtype=torch.bool)
     fg_pixels = pixel_token[masks]
@@ -139,7 +136,7 @@ def fit_reference(ctx: FitContext, p: Params, clusters: int, backend: str) -> di
         fg = _joint_cbfe(ctx, p, tokens, shapes, train, held, eval_data, eval_prep)
     cd_centroids = _pixel_overclustering(ctx, p, tokens, shapes, fg["fg_token"])
     label_maps = [reference_label_map(pca, fg["fg_centroids"], fg["fg_train"] if k < len(train) else fg["fg_eval"],
-                                      cd_centroids, s[i], ctx.backbone.stride, p.map_size) for k, (s, i) in enumerate(items)]
+                                      cd_centroids, s[i], p.map_size) for k, (s, i) in enumerate(items)]
     tables = _community_runs(ctx, p, label_maps, clusters, backend)
     ctx.log(f"leopart (reference protocol): fitted in {time.perf_counter() - tic:.0f} s")
     return {

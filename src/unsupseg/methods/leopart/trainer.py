@@ -21,7 +21,7 @@ from .merge import (
     detect_communities,
     limit_communities,
 )
-from .params import MIN_CLUSTERS, Params
+from .params import MIN_CLUSTERS, Params, resolve_protocol
 from .reference import fit_reference
 
 
@@ -31,10 +31,11 @@ def plan(params: Params, method: str, clusters: int, n_items: int, dim: int, tok
 
 
 def fit(ctx: FitContext) -> dict[str, Tensor]:
-    p: Params = ctx.params
+    p, notes = resolve_protocol(ctx.params)
     clusters = check_clusters(ctx.config.clusters, MIN_CLUSTERS)
     backend = community_backend(p.community)
     if p.protocol == "reference":
+        ctx.log(f"leopart: protocol reference: {'; '.join(notes)}")
         return fit_reference(ctx, p, clusters, backend)
     tic = time.perf_counter()
     store = ctx.features()
