@@ -313,6 +313,7 @@ def _fit(config: RunConfig, out: Path, dist, log: Callable[[str], None]) -> "Seg
                                "fingerprint": train_data.fingerprint()},
                 "fit_seconds": round(elapsed, 1),
                 **({"clusters_auto": auto.to_dict()} if auto is not None else {}),
+                **({"fit_record": ctx.record} if ctx.record else {}),
             },
         )
         log(f"fit finished in {elapsed:.1f} s; run written to {out}")
@@ -766,6 +767,7 @@ def evaluate(
         "probe": probe,
         "num_clusters": seg.num_clusters,
         "confusion": confusion.matrix.tolist(),
+        "fit_record": fit_record(seg),
         "unsupseg_version": __version__,
     }
     if json_path is not None:
@@ -831,6 +833,7 @@ def evaluate_leopart_reference(
                      for k, (m, a) in enumerate(zip(miou, accuracy))],
         "per_class_iou": {name: round(float(100 * np.mean([r.iou[c] for r in runs])), 4)
                           for c, name in enumerate(data.classes)},
+        "fit_record": fit_record(seg),
         "unsupseg_version": __version__,
     }
     if json_path is not None:
@@ -1096,3 +1099,11 @@ def segment(
         write_outputs(item, image, labels, seg.num_clusters)
         result.append(item.mask)
     return result
+
+
+def fit_record(seg: Segmenter) -> dict[str, str]:
+    """What the method recorded about its fit (meta.json "fit_record"; empty for runs in memory or
+    written before it was recorded)."""
+    if seg.path is None or not (Path(seg.path) / rundir.META).is_file():
+        return {}
+    return json.loads((Path(seg.path) / rundir.META).read_text()).get("fit_record", {})

@@ -185,8 +185,9 @@ def evaluate(
                           matching=matching or None, json_path=json_path, batch_size=batch_size, precision=precision)
     if report.get("protocol") == "leopart-reference":
         print_seed_scores(report, f"{run_dir} on {dataset}/{split}, Leopart reference protocol")
-        return
-    print_scores(report, f"{run_dir} on {dataset}/{split}" + (" (linear probe)" if probe == "linear" else ""))
+    else:
+        print_scores(report, f"{run_dir} on {dataset}/{split}" + (" (linear probe)" if probe == "linear" else ""))
+    print_fit_record(report)
 
 
 @app.command()
@@ -390,7 +391,9 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except UnsupsegError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        from rich.markup import escape   # a message may hold brackets (pip extras, lists)
+
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         sys.exit(2)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
@@ -403,6 +406,12 @@ def main() -> None:
             err.show()
             sys.exit(err.exit_code)
         raise
+
+
+def print_fit_record(report: dict) -> None:
+    """One line per fact the method recorded about the run's fit (e.g. Leopart's community detection)."""
+    for name, value in report.get("fit_record", {}).items():
+        out.print(f"{name.replace('_', ' ')}: {value}", highlight=False)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ and a tiny fit through the public API."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 
 import numpy as np
@@ -409,3 +410,56 @@ def test_vitb8_preset_has_the_reference_values():
     assert config.backbone.name == "dino_vitb8" and config.clusters == 21 and config.test.interpolation == "bilinear"
     assert (config.params["k_cd"], config.params["markov_time"], config.params["weight_threshold"]) == (109, 0.4, 0.07)
     assert config.params["protocol"] == "label-free"
+
+
+# ----------------------------------------------------------------------------- community backend, CLI
+
+
+def _console(tmp_path, *args, hide_infomap: bool):
+    """The installed console script, in a subprocess; ``hide_infomap`` makes ``import infomap`` fail
+    (a sitecustomize that marks it missing), as on an install without the leopart extra."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['infomap'] = None\n" if hide_infomap else "")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+           "UNSUPSEG_PROGRESS": "0", "COLUMNS": "200"}
+    return subprocess.run([str(Path(sys.executable).parent / "unsupseg"), *args], capture_output=True, text=True, env=env)
+
+
+_TINY = ["--backbone", "efficientnet_lite0", "--backbone-weights", "random", "--clusters", "3",
+         "--set", "data.resolution=64", "--set", "params.k_fg=8", "--set", "params.k_cd=6",
+         "--set", "params.weight_threshold=0.01", "--set", "params.kmeans_restarts=1", "--set", "params.map_size=16",
+         "--set", "params.foreground=all"]
+
+
+def test_the_community_backend_is_recorded_and_printed_and_the_reference_protocol_needs_infomap(tmp_path):
+    import json
+
+    root = _camvid_tree(tmp_path / "camvid")
+    data = ["--dataset", "camvid", "--root", str(root)]
+    fit = _console(tmp_path, "fit", "--method", "leopart", *data, *_TINY, "--out", str(tmp_path / "run"),
+                   hide_infomap=True)
+    assert fit.returncode == 0, fit.stderr
+    networkx = importlib.metadata.version("networkx")
+    assert json.loads((tmp_path / "run" / "meta.json").read_text())["fit_record"] == {
+        "community_detection": f"louvain (networkx {networkx})"}
+    score = _console(tmp_path, "evaluate", str(tmp_path / "run"), *data, "--split", "val", "--no-crf",
+                     hide_infomap=False)
+    assert score.returncode == 0, score.stderr
+    assert score.stdout.splitlines()[-1] == f"community detection: louvain (networkx {networkx})"
+    report = _console(tmp_path, "report", str(tmp_path / "run"), "--images", str(root / "val"), "--max-images", "1",
+                      "--out", str(tmp_path / "report.html"), hide_infomap=False)
+    assert report.returncode == 0, report.stderr
+    assert f"louvain (networkx {networkx})" in (tmp_path / "report.html").read_text()
+
+    refused = _console(tmp_path, "fit", "--method", "leopart", *data, *_TINY, "--set", "params.protocol=reference",
+                       "--out", str(tmp_path / "ref"), hide_infomap=True)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.splitlines() == ['error: params.protocol=reference needs Infomap, which is not installed: '
+                                           'pip install -e ".[leopart]"']
+    assert not (tmp_path / "ref" / "model.safetensors").exists()

@@ -177,6 +177,24 @@ def community_backend(requested: str) -> str:
     return requested
 
 
+def reference_backend(requested: str) -> str:
+    """Infomap, which the reference protocol needs (its seeds and forced module count are Infomap's)."""
+    import importlib.util
+
+    if requested == "louvain":
+        raise ConfigError("params.protocol=reference runs Infomap, as the reference; params.community=louvain cannot")
+    if importlib.util.find_spec("infomap") is None:
+        raise ConfigError('params.protocol=reference needs Infomap, which is not installed: pip install -e ".[leopart]"')
+    return "infomap"
+
+
+def backend_description(backend: str) -> str:
+    """The backend and the version of the library that ran it, e.g. "infomap 2.16.0"."""
+    from importlib.metadata import version
+
+    return f"infomap {version('infomap')}" if backend == "infomap" else f"louvain (networkx {version('networkx')})"
+
+
 def detect_communities(
     edges: list[tuple[int, int, float]],
     number: int,

@@ -14,12 +14,14 @@ from ...features.source import iter_maps
 from ..base import FitContext, FitPlan
 from .foreground import cbfe, resize_nearest
 from .merge import (
+    backend_description,
     build_graph,
     community_backend,
     community_table,
     cooccurrence,
     detect_communities,
     limit_communities,
+    reference_backend,
 )
 from .params import MIN_CLUSTERS, Params, resolve_protocol
 from .reference import fit_reference
@@ -33,7 +35,8 @@ def plan(params: Params, method: str, clusters: int, n_items: int, dim: int, tok
 def fit(ctx: FitContext) -> dict[str, Tensor]:
     p, notes = resolve_protocol(ctx.params)
     clusters = check_clusters(ctx.config.clusters, MIN_CLUSTERS)
-    backend = community_backend(p.community)
+    backend = reference_backend(p.community) if p.protocol == "reference" else community_backend(p.community)
+    ctx.record["community_detection"] = backend_description(backend)
     if p.protocol == "reference":
         ctx.log(f"leopart: protocol reference: {'; '.join(notes)}")
         return fit_reference(ctx, p, clusters, backend)
