@@ -463,3 +463,39 @@ def test_the_community_backend_is_recorded_and_printed_and_the_reference_protoco
     assert refused.stderr.splitlines() == ['error: params.protocol=reference needs Infomap, which is not installed: '
                                            'pip install -e ".[leopart]"']
     assert not (tmp_path / "ref" / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- same result on every machine
+
+
+def test_pca_tokens_do_not_depend_on_how_the_sums_are_ordered():
+    # another CPU, BLAS build or thread count orders the sums of the PCA's products differently; the
+    # tokens k-means sees must not change (float32 products moved them by ~1e-7 here)
+    from unsupseg.methods.leopart.tokens import GRID, fit_stable_pca, pca_tokens
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(3000, 40, generator=gen) @ torch.randn(40, 40, generator=gen)).half().float() + 2
+    torch.set_num_threads(1)
+    one = fit_stable_pca(lambda: [x], 10)
+    torch.set_num_threads(3)
+    # rows in another order and other chunks: the same rows, other sums
+    order = torch.randperm(len(x), generator=gen)
+    other = fit_stable_pca(lambda: x[order].split(7), 10)
+    a, b = pca_tokens(one, x), pca_tokens(other, x)
+    assert a.dtype == torch.float64 and torch.equal(a * GRID, (a * GRID).round())
+    assert torch.equal(a, b)
+
+
+def test_a_fit_gives_the_same_clusters_with_other_thread_counts(tmp_path):
+    images = _image_folder(tmp_path / "images", count=8)
+    overrides = [f"cache_dir={tmp_path / 'cache'}", "data.resolution=64", "params.k_fg=8", "params.k_cd=6",
+                 "params.weight_threshold=0.01", "params.kmeans_restarts=2", "params.map_size=16"]
+    states = []
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        unsupseg.fit("leopart", out=tmp_path / f"run{threads}", images=images, backbone="efficientnet_lite0",
+                     backbone_weights="random", clusters=3, overrides=overrides, log=lambda msg: None)
+        states.append(unsupseg.load(tmp_path / f"run{threads}").predictor.state_dict())
+    assert states[0].keys() == states[1].keys()
+    for name in states[0]:
+        assert torch.equal(states[0][name], states[1][name]), name

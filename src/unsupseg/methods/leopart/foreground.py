@@ -121,7 +121,7 @@ def cbfe(ctx: FitContext, store, p: Params, tokens: Tensor, shapes: list[tuple[i
     """(fg mask per image, centroids, fg cluster set, cluster scores, tau)."""
     noisy = noisy_foreground(ctx, p, store, ctx.dataset, train_preprocess(ctx), ctx.config.data.split)
     centroids = kmeans(tokens, p.k_fg, spherical=True, generator=ctx.generator(1), iterations=p.kmeans_iterations,
-                       restarts=p.kmeans_restarts, points_per_centroid=p.points_per_centroid)
+                       restarts=p.kmeans_restarts, points_per_centroid=p.points_per_centroid).float()
     labels = assign(tokens, centroids, spherical=True)[0]
     cluster_maps = [m.reshape(h, w) for m, (h, w) in zip(labels.split([h * w for h, w in shapes]), shapes)]
     small = [resize_nearest(m, p.map_size) for m in cluster_maps]

@@ -149,9 +149,11 @@ def _louvain(edges, seed: int, resolution: float) -> dict[int, int]:
 def _infomap(edges, number: int, markov_time: float, seed: int, trials: int) -> dict[int, int]:
     import infomap
 
+    # serial trials and moves (Infomap's defaults, pinned): its OpenMP options would make the partition
+    # depend on the machine's thread count
     result = infomap.run(
         edges, two_level=True, markov_time=markov_time, seed=seed, num_trials=trials,
-        preferred_number_of_modules=number,
+        preferred_number_of_modules=number, inner_parallelization=False, parallel_trials=False,
     )
     return {int(node): int(module) for node, module in result.modules().items()}
 

@@ -10,12 +10,13 @@ from torch import Tensor
 
 from ...data import build_dataset
 from ...errors import ConfigError
-from ...features.clustering import PCA, assign, fit_pca, kmeans
+from ...features.clustering import PCA, assign, kmeans
 from ...features.extract import extract_features
 from ..base import FitContext
 from .foreground import cbfe_tau, noisy_foreground, resize_nearest, train_preprocess
 from .merge import build_graph, cluster_precision_scores, community_table, cooccurrence, detect_communities, limit_communities
 from .params import Params
+from .tokens import fit_stable_pca, pca_tokens
 
 
 def reference_label_map(pca: PCA, fg_centroids: Tensor, fg_set: Tensor, cd_centroids: Tensor, features: Tensor,
@@ -25,7 +26,7 @@ def reference_label_map(pca: PCA, fg_centroids: Tensor, fg_set: Tensor, cd_centr
     ``fg_set`` (none: all foreground) and cd cluster of each nearest-replicated pixel (the cluster of
     its token), both at map_size as the reference builds and uses them."""
     d, h, w = features.shape
-    tokens = pca.transform(features.float().flatten(1).T)
+    tokens = pca_tokens(pca, features.flatten(1).T)
     k_cd = len(cd_centroids)
     labels = resize_nearest(assign(tokens, cd_centroids, spherical=False)[0].reshape(h, w), map_size)
     if len(fg_centroids) == 0:
@@ -59,7 +60,7 @@ def _joint_cbfe(ctx: FitContext, p: Params, tokens: Tensor, shapes, train, held,
     noisy = (noisy_foreground(ctx, p, train, ctx.dataset, train_preprocess(ctx), cfg.data.split)
              + noisy_foreground(ctx, p, held, eval_data, eval_prep, p.eval_split))
     centroids = kmeans(tokens, p.k_fg, spherical=True, generator=ctx.generator(1), iterations=p.kmeans_iterations,
-                       restarts=p.kmeans_restarts, points_per_centroid=p.points_per_centroid)
+                       restarts=p.kmeans_restarts, points_per_centroid=p.points_per_centroid).float()
     labels = assign(tokens, centroids, spherical=True)[0]
     small = [resize_nearest(m.reshape(h, w), p.map_size) for m, (h, w) in zip(labels.split([h * w for h, w in shapes]), shapes)]
     noisy_small = [resize_nearest(m, p.map_size) for m in noisy]
@@ -96,7 +97,7 @@ def _pixel_overclustering(ctx: FitContext, p: Params, tokens: Tensor, shapes, fg
     if len(fg_pixels) > limit:   # faiss' training subsample, drawn among pixels
         fg_pixels = fg_pixels[torch.randperm(len(fg_pixels), generator=generator)[:limit]]
     return kmeans(tokens[fg_pixels], p.k_cd, spherical=False, generator=generator, iterations=p.kmeans_iterations,
-                  restarts=p.kmeans_restarts, points_per_centroid=p.points_per_centroid)
+                  restarts=p.kmeans_restarts, points_per_centroid=p.points_per_centroid).float()
 
 
 def _community_runs(ctx: FitContext, p: Params, label_maps: list[Tensor], clusters: int, backend: str) -> Tensor:
@@ -124,8 +125,8 @@ def fit_reference(ctx: FitContext, p: Params, clusters: int, backend: str) -> di
     train, held, eval_data, eval_prep = _joint_items(ctx, p)
     items = [(s, i) for s in (train, held) for i in range(len(s))]
     shapes = [tuple(s.shapes[i][1:]) for s, i in items]
-    pca = fit_pca(lambda: (s[i].float().flatten(1).T for s, i in items), p.pca_dim)
-    tokens = torch.cat([pca.transform(s[i].float().flatten(1).T) for s, i in items])
+    pca = fit_stable_pca(lambda: (s[i].float().flatten(1).T for s, i in items), p.pca_dim)
+    tokens = torch.cat([pca_tokens(pca, s[i].flatten(1).T) for s, i in items])
     ctx.log(f"leopart (reference protocol): PCA {train.dim} -> {p.pca_dim} of {len(tokens)} tokens of "
             f"{len(train)} {ctx.config.data.split} + {len(held)} {p.eval_split} images "
             f"({time.perf_counter() - tic:.0f} s)")
@@ -143,13 +144,13 @@ def fit_reference(ctx: FitContext, p: Params, clusters: int, backend: str) -> di
         "pca_mean": pca.mean,
         "pca_std": pca.std,
         "pca_components": pca.components,
-        "fg_centroids": fg["fg_centroids"],
+        "fg_centroids": fg["fg_centroids"].float(),
         "fg_clusters": fg["fg_train"],
         "fg_clusters_eval": fg["fg_eval"],
         "cluster_scores": fg["scores_train"],
         "cluster_scores_eval": fg["scores_eval"],
         "fg_threshold": torch.tensor(float(fg["tau"])),
-        "cd_centroids": cd_centroids,
+        "cd_centroids": cd_centroids.float(),
         "communities": tables[0].clone(),   # safetensors refuses tensors that share memory
         "community_runs": tables,
     }

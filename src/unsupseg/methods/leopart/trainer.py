@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ...config import check_clusters
 from ...errors import ConfigError
-from ...features.clustering import assign, fit_pca, kmeans
+from ...features.clustering import assign, kmeans
 from ...features.source import iter_maps
 from ..base import FitContext, FitPlan
 from .foreground import cbfe, resize_nearest
@@ -25,6 +25,7 @@ from .merge import (
 )
 from .params import MIN_CLUSTERS, Params, resolve_protocol
 from .reference import fit_reference
+from .tokens import fit_stable_pca, pca_tokens
 
 
 def plan(params: Params, method: str, clusters: int, n_items: int, dim: int, tokens: int) -> FitPlan:
@@ -43,8 +44,8 @@ def fit(ctx: FitContext) -> dict[str, Tensor]:
     tic = time.perf_counter()
     store = ctx.features()
     shapes = [tuple(s[1:]) for s in store.shapes]
-    pca = fit_pca(lambda: (m.flatten(1).T for _, m in iter_maps(store)), p.pca_dim)
-    tokens = torch.cat([pca.transform(m.flatten(1).T) for _, m in iter_maps(store)])
+    pca = fit_stable_pca(lambda: (m.flatten(1).T for _, m in iter_maps(store)), p.pca_dim)
+    tokens = torch.cat([pca_tokens(pca, m.flatten(1).T) for _, m in iter_maps(store)])
     ctx.log(f"leopart: PCA {store.dim} -> {p.pca_dim} of {len(tokens)} tokens ({time.perf_counter() - tic:.0f} s)")
 
     if p.foreground == "cbfe":
@@ -61,7 +62,7 @@ def fit(ctx: FitContext) -> dict[str, Tensor]:
         raise ConfigError(f"only {int(fg_flat.sum())} foreground tokens for params.k_cd={p.k_cd} clusters")
     cd_centroids = kmeans(tokens[fg_flat], p.k_cd, spherical=False, generator=ctx.generator(2),
                           iterations=p.kmeans_iterations, restarts=p.kmeans_restarts,
-                          points_per_centroid=p.points_per_centroid)
+                          points_per_centroid=p.points_per_centroid).float()   # as stored: test time assigns alike
     labels = torch.where(fg_flat, assign(tokens, cd_centroids, spherical=False)[0], p.k_cd)
     label_maps = [resize_nearest(m.reshape(h, w), p.map_size) for m, (h, w) in zip(labels.split([h * w for h, w in shapes]), shapes)]
 
@@ -88,10 +89,10 @@ def fit(ctx: FitContext) -> dict[str, Tensor]:
         "pca_mean": pca.mean,
         "pca_std": pca.std,
         "pca_components": pca.components,
-        "fg_centroids": fg_centroids,
+        "fg_centroids": fg_centroids.float(),
         "fg_clusters": fg_set,
         "cluster_scores": scores,
         "fg_threshold": torch.tensor(float(tau)),
-        "cd_centroids": cd_centroids,
+        "cd_centroids": cd_centroids.float(),
         "communities": table,
     }
