@@ -161,6 +161,17 @@ def test_cooccurrence_properties():
     assert rows[5] == 0 and rows[6] == 0 and rows[7] == 0    # absent, or only next to itself
 
 
+def test_similarity_weighted_graph():
+    a = torch.tensor([[0.0, 0.5, 0.2], [0.4, 0.0, 0.3], [0.1, 0.6, 0.0]], dtype=torch.float64)
+    # parts 0 and 1 at 45 degrees (cosine 1/sqrt 2); label 2 (background) has no centroid
+    weighted = merge.similarity_weighted(a, torch.tensor([[2.0, 0.0], [1.0, 1.0]]))
+    c = 0.5 ** 0.5
+    torch.testing.assert_close(weighted, torch.tensor([[0.0, 0.5 * c, 0.2], [0.4 * c, 0.0, 0.3], [0.1, 0.6, 0.0]],
+                                                      dtype=torch.float64))
+    opposite = merge.similarity_weighted(a, torch.tensor([[1.0, 0.0], [-3.0, 0.0]]))   # cosine -1 counts as 0
+    assert opposite[0, 1] == 0 and opposite[1, 0] == 0 and opposite[0, 2] == 0.2
+
+
 def test_cooccurrence_offsets_are_the_reference_list():
     # a single pair at distance 2 along a row is seen by (0, 2) and (0, -2) only; a knight's move by
     # the reference's (-2, -1) offset and not by its mirror (2, 1), which the list lacks
@@ -375,6 +386,8 @@ def test_reference_protocol_alone_takes_tau_from_ground_truth_and_says_so(tmp_pa
     assert label_free.reference_threshold is False and label_free.saliency == "auto" and notes == []
     fixed, _ = resolve_protocol(Params(protocol="reference", cbfe_threshold=0.3))
     assert fixed.reference_threshold is False and fixed.cbfe_threshold == 0.3
+    graph, notes = resolve_protocol(Params(protocol="reference", graph="cooccurrence-similarity"))
+    assert graph.graph == "cooccurrence" and "co-occurrence graph" in notes
 
     root = _camvid_tree(tmp_path / "camvid")
     lines = []

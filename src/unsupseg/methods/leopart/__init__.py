@@ -10,7 +10,8 @@ Fit, on the training features only:
    cluster scores, or a fixed ``cbfe_threshold``); ``reference_threshold`` reproduces the reference's
    choice from ground-truth masks (needs labelled training data);
 4. L2 k-means (``k_cd``) of the foreground tokens; background tokens get the extra label ``k_cd``;
-5. co-occurrence of the labels at ``map_size`` x ``map_size`` -> graph (edge weight min(A_ij, A_ji) >= wt)
+5. co-occurrence of the labels at ``map_size`` x ``map_size`` (``graph: cooccurrence-similarity``: times
+   the cosine of the two part centroids) -> graph (edge weight min(A_ij, A_ji) >= wt)
    -> Infomap (networkx Louvain when Infomap is not installed) -> label-to-community table.
 
 Labels: communities 1..clusters-1 and 0 for the clusters left out of the graph (no edge reaches wt),
@@ -51,16 +52,18 @@ from .merge import (
     limit_communities,
     otsu_threshold,
     reference_threshold,
+    similarity_weighted,
 )
-from .params import COMMUNITIES, FOREGROUNDS, MIN_CLUSTERS, PROTOCOLS, SALIENCIES, Params
+from .params import COMMUNITIES, FOREGROUNDS, GRAPHS, MIN_CLUSTERS, PROTOCOLS, SALIENCIES, Params
 from .predictor import LeopartPredictor, build_predictor
 from .reference import reference_label_map
 from .saliency import distinctiveness, mass_foreground
 from .trainer import fit, plan
 
 __all__ = [
-    "COMMUNITIES", "FOREGROUNDS", "MIN_CLUSTERS", "PROTOCOLS", "SALIENCIES", "LeopartPredictor", "Params",
+    "COMMUNITIES", "FOREGROUNDS", "GRAPHS", "MIN_CLUSTERS", "PROTOCOLS", "SALIENCIES", "LeopartPredictor", "Params",
     "build_graph", "build_predictor", "cluster_precision_scores", "community_backend", "community_table",
     "cooccurrence", "detect_communities", "distinctiveness", "fit", "limit_communities", "mass_foreground",
     "otsu_threshold", "plan", "precomputed_foreground", "reference_label_map", "reference_threshold",
+    "similarity_weighted",
 ]

@@ -129,6 +129,16 @@ def cooccurrence(label_maps: Iterable[Tensor], n: int) -> Tensor:
     return total / present.clamp_min(1)[:, None]
 
 
+def similarity_weighted(a: Tensor, centroids: Tensor) -> Tensor:
+    """A (n x n) times the cosine of the part centroids (k x d, k <= n), negative cosines as 0: parts
+    that touch but look different link weakly. Labels past k (background) keep their weights."""
+    k = len(centroids)
+    unit = torch.nn.functional.normalize(centroids.double(), dim=1)
+    sim = torch.ones_like(a)
+    sim[:k, :k] = (unit @ unit.T).clamp_min(0)
+    return a * sim
+
+
 def build_graph(a: Tensor, weight_threshold: float) -> list[tuple[int, int, float]]:
     """Edges (i, j, w), i < j, where A[i, j] and A[j, i] both reach the threshold; w = their minimum."""
     low = torch.minimum(a, a.T)

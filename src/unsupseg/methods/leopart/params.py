@@ -10,6 +10,7 @@ FOREGROUNDS = ("cbfe", "all")
 SALIENCIES = ("auto", "attention", "distinctiveness", "precomputed")
 PROTOCOLS = ("label-free", "reference")
 COMMUNITIES = ("auto", "infomap", "louvain")
+GRAPHS = ("cooccurrence", "cooccurrence-similarity")
 
 
 MIN_CLUSTERS = 2   # the merge step joins over-clusters into at least two groups
@@ -22,6 +23,8 @@ class Params:
     k_cd: int = 149                      # foreground over-clustering (L2 k-means) = graph nodes
     markov_time: float = 2.0             # Infomap's markov time (mt)
     weight_threshold: float = 0.09       # co-occurrence edge threshold (wt)
+    graph: str = "cooccurrence"          # edge weights: cooccurrence (the reference's) | cooccurrence-similarity
+                                         # (times the cosine of the two part centroids, negative as 0)
     foreground: str = "cbfe"             # cbfe | all (every token is foreground: no CBFE)
     saliency: str = "auto"               # auto (precomputed when saliency_dir is set, else attention for ViTs, else
                                          # distinctiveness) | attention | distinctiveness
@@ -52,7 +55,8 @@ def _check(p: Params) -> None:
         if getattr(p, name) < 1:
             raise ConfigError(f"params.{name} must be >= 1, got {getattr(p, name)}")
     for name, value, options in (("foreground", p.foreground, FOREGROUNDS), ("saliency", p.saliency, SALIENCIES),
-                                 ("community", p.community, COMMUNITIES), ("protocol", p.protocol, PROTOCOLS)):
+                                 ("community", p.community, COMMUNITIES), ("protocol", p.protocol, PROTOCOLS),
+                                 ("graph", p.graph, GRAPHS)):
         if value not in options:
             raise ConfigError(f"params.{name} must be one of {', '.join(options)}, got {value!r}")
     if not 0 < p.saliency_mass <= 1:
@@ -86,7 +90,9 @@ def resolve_protocol(p: Params) -> tuple[Params, list[str]]:
         notes.append(f"noisy foreground from the masks in {p.saliency_dir}" if saliency == "precomputed" else
                      f"noisy foreground from saliency {saliency} (the reference reads precomputed DINO masks: "
                      "params.saliency_dir=DIR of attn_dino_{train,val}.pt)")
+    graph = p.graph
     if reference:
-        notes += ["training and params.eval_split clustered together",
+        graph = "cooccurrence"
+        notes += ["training and params.eval_split clustered together", "co-occurrence graph",
                   f"one Infomap trial per seed 1..{p.runs}, asking for clusters - 1 communities"]
-    return replace(p, reference_threshold=threshold, saliency=saliency), notes
+    return replace(p, reference_threshold=threshold, saliency=saliency, graph=graph), notes

@@ -22,6 +22,7 @@ from .merge import (
     detect_communities,
     limit_communities,
     reference_backend,
+    similarity_weighted,
 )
 from .params import MIN_CLUSTERS, Params, resolve_protocol
 from .reference import fit_reference
@@ -68,6 +69,8 @@ def fit(ctx: FitContext) -> dict[str, Tensor]:
 
     n_labels = p.k_cd + 1
     a = cooccurrence(label_maps, n_labels)
+    if p.graph == "cooccurrence-similarity":
+        a = similarity_weighted(a, cd_centroids)
     edges = build_graph(a, p.weight_threshold)
     sizes = torch.bincount(torch.cat([m.reshape(-1) for m in label_maps]), minlength=n_labels).double()
     in_graph = torch.zeros(n_labels, dtype=torch.bool)
