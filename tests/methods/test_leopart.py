@@ -14,10 +14,14 @@ from PIL import Image
 
 import unsupseg
 from unsupseg.errors import ConfigError
-from unsupseg.methods.leopart import merge
 from unsupseg.features.clustering import assign, fit_pca, kmeans
-from unsupseg.methods.leopart.saliency import distinctiveness, gaussian_blur, mass_foreground, remove_small_components
-
+from unsupseg.methods.leopart import merge
+from unsupseg.methods.leopart.saliency import (
+    distinctiveness,
+    gaussian_blur,
+    mass_foreground,
+    remove_small_components,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -372,7 +376,8 @@ def test_reference_label_map_uses_each_split_foreground_at_map_size():
     assert only_x.tolist() == [[0, 0, 1, 2]] * 4        # token 2 is background (label k_cd = 2)
     only_y = reference_label_map(pca, fg_centroids, torch.tensor([False, True]), cd_centroids, features, 4)
     assert only_y.tolist() == [[2, 2, 2, 0]] * 4
-    everything = reference_label_map(pca, torch.zeros(0, 2), torch.zeros(0, dtype=torch.bool), cd_centroids, features, 4)
+    no_cbfe = torch.zeros(0, 2), torch.zeros(0, dtype=torch.bool)
+    everything = reference_label_map(pca, *no_cbfe, cd_centroids, features, 4)
     assert everything.tolist() == [[0, 0, 1, 0]] * 4
 
 
@@ -441,7 +446,8 @@ def _console(tmp_path, *args, hide_infomap: bool):
     (site / "sitecustomize.py").write_text("import sys\nsys.modules['infomap'] = None\n" if hide_infomap else "")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
            "UNSUPSEG_PROGRESS": "0", "COLUMNS": "200"}
-    return subprocess.run([str(Path(sys.executable).parent / "unsupseg"), *args], capture_output=True, text=True, env=env)
+    script = Path(sys.executable).parent / "unsupseg"
+    return subprocess.run([str(script), *args], capture_output=True, text=True, env=env)
 
 
 _TINY = ["--backbone", "efficientnet_lite0", "--backbone-weights", "random", "--clusters", "3",

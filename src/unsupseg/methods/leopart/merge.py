@@ -196,7 +196,8 @@ def reference_backend(requested: str) -> str:
     if requested == "louvain":
         raise ConfigError("params.protocol=reference runs Infomap, as the reference; params.community=louvain cannot")
     if importlib.util.find_spec("infomap") is None:
-        raise ConfigError('params.protocol=reference needs Infomap, which is not installed: pip install -e ".[leopart]"')
+        raise ConfigError('params.protocol=reference needs Infomap, which is not installed: '
+                          'pip install -e ".[leopart]"')
     return "infomap"
 
 

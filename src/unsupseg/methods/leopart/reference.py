@@ -14,7 +14,14 @@ from ...features.clustering import PCA, assign, kmeans
 from ...features.extract import extract_features
 from ..base import FitContext
 from .foreground import cbfe_tau, noisy_foreground, resize_nearest, train_preprocess
-from .merge import build_graph, cluster_precision_scores, community_table, cooccurrence, detect_communities, limit_communities
+from .merge import (
+    build_graph,
+    cluster_precision_scores,
+    community_table,
+    cooccurrence,
+    detect_communities,
+    limit_communities,
+)
 from .params import Params
 from .tokens import fit_stable_pca, pca_tokens
 
@@ -62,7 +69,8 @@ def _joint_cbfe(ctx: FitContext, p: Params, tokens: Tensor, shapes, train, held,
     centroids = kmeans(tokens, p.k_fg, spherical=True, generator=ctx.generator(1), iterations=p.kmeans_iterations,
                        restarts=p.kmeans_restarts, points_per_centroid=p.points_per_centroid).float()
     labels = assign(tokens, centroids, spherical=True)[0]
-    small = [resize_nearest(m.reshape(h, w), p.map_size) for m, (h, w) in zip(labels.split([h * w for h, w in shapes]), shapes)]
+    small = [resize_nearest(m.reshape(h, w), p.map_size)
+             for m, (h, w) in zip(labels.split([h * w for h, w in shapes]), shapes)]
     noisy_small = [resize_nearest(m, p.map_size) for m in noisy]
     scores_train = cluster_precision_scores(small[:n_train], noisy_small[:n_train], p.k_fg)
     scores_eval = cluster_precision_scores(small[n_train:], noisy_small[n_train:], p.k_fg)

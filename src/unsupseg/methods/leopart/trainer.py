@@ -30,8 +30,9 @@ from .tokens import fit_stable_pca, pca_tokens
 
 
 def plan(params: Params, method: str, clusters: int, n_items: int, dim: int, tokens: int) -> FitPlan:
-    return FitPlan([None], [], [(f"every training token after PCA ({tokens} x {params.pca_dim} x 4 bytes)",
-                                 tokens * params.pca_dim * 4)], ["two passes over the features for the PCA, one more to project"])
+    return FitPlan([None], [], [(f"every training token after PCA ({tokens} x {params.pca_dim} x 8 bytes)",
+                                 tokens * params.pca_dim * 8)],
+                   ["two passes over the features for the PCA, one more to project"])
 
 
 def fit(ctx: FitContext) -> dict[str, Tensor]:
@@ -65,7 +66,8 @@ def fit(ctx: FitContext) -> dict[str, Tensor]:
                           iterations=p.kmeans_iterations, restarts=p.kmeans_restarts,
                           points_per_centroid=p.points_per_centroid).float()   # as stored: test time assigns alike
     labels = torch.where(fg_flat, assign(tokens, cd_centroids, spherical=False)[0], p.k_cd)
-    label_maps = [resize_nearest(m.reshape(h, w), p.map_size) for m, (h, w) in zip(labels.split([h * w for h, w in shapes]), shapes)]
+    label_maps = [resize_nearest(m.reshape(h, w), p.map_size)
+                  for m, (h, w) in zip(labels.split([h * w for h, w in shapes]), shapes)]
 
     n_labels = p.k_cd + 1
     a = cooccurrence(label_maps, n_labels)
