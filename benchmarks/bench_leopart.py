@@ -23,7 +23,8 @@ import torch
 from PIL import Image
 
 from unsupseg.engine import Dist
-from unsupseg.methods import leopart_finetune as lf
+from unsupseg.methods.leopart import finetune as lf
+from unsupseg.methods.leopart import views as lv
 
 
 def _photo(rng: np.random.Generator, height: int = 375, width: int = 500) -> Image.Image:
@@ -38,7 +39,7 @@ def bench_finetune(device: str, batch: int, steps: int, workers: int, amp: bool)
     photos = [_photo(rng) for _ in range(batch)]
 
     def load(seed: int):
-        return lf.collate([lf.make_views(p, params, np.random.default_rng([seed, i])) for i, p in enumerate(photos)])
+        return lv.collate([lv.make_views(p, params, np.random.default_rng([seed, i])) for i, p in enumerate(photos)])
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         tic = time.perf_counter()

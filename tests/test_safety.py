@@ -54,7 +54,7 @@ def test_overwrite_replaces_only_a_run_and_its_own_files(run, tmp_path):
         _fit(photos, photos, run, overwrite=True)
     assert _snapshot(photos) == before
 
-    from unsupseg.methods.leopart_finetune import _prepare_out
+    from unsupseg.methods.leopart.finetune import _prepare_out
 
     with pytest.raises(RunDirError, match="not a fine-tuning folder"):
         _prepare_out(photos, {"backbone": "dino_vits16"}, True, photos / "dino_vits16-leopart.safetensors")
@@ -176,7 +176,7 @@ def test_bad_values_are_refused_with_a_message(run, tmp_path):
                                    ("leopart", "params.k_fg=0", "k_fg")]:
         with pytest.raises(ConfigError, match=f"params.{name} must be"):
             resolve_config(method, overrides=[override])
-    from unsupseg.methods.leopart_finetune import FinetuneParams, check_params
+    from unsupseg.methods.leopart.finetune import FinetuneParams, check_params
 
     with pytest.raises(ConfigError, match="lr_head must be >= 0"):
         check_params(FinetuneParams(lr_head=-1), 16)

@@ -216,8 +216,9 @@ def evaluate(
                           matching=matching or None, json_path=json_path, batch_size=batch_size, precision=precision)
     if report.get("protocol") == "leopart-reference":
         print_seed_scores(report, f"{run} on {dataset}/{split}, Leopart reference protocol")
-        return
-    print_scores(report, f"{run} on {dataset}/{split}" + (" (linear probe)" if probe == "linear" else ""))
+    else:
+        print_scores(report, f"{run} on {dataset}/{split}" + (" (linear probe)" if probe == "linear" else ""))
+    print_fit_record(report)
 
 
 @app.command()
@@ -256,7 +257,7 @@ def finetune_leopart(
 ) -> None:
     """Leopart dense self-supervised fine-tuning of a ViT; the result is a backbone weights file."""
     from .config import apply_overrides
-    from .methods.leopart_finetune import finetune
+    from .methods.leopart.finetune import finetune
 
     params = apply_overrides({}, set_)
     path = finetune(backbone, images, out_dir, weights=backbone_weights, epochs=epochs, batch_size=batch_size, steps=steps,
@@ -489,7 +490,9 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except UnsupsegError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False)
+        from rich.markup import escape   # a message may hold brackets (pip extras, lists)
+
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         sys.exit(2)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
@@ -515,6 +518,12 @@ def _seeds(text: str | None) -> tuple[int, ...]:
     except ValueError:
         raise ConfigError(f"--seeds takes comma-separated integer seeds, e.g. 0,1,2; got {text!r}") from None
     return seeds
+
+
+def print_fit_record(report: dict) -> None:
+    """One line per fact the method recorded about the run's fit (e.g. Leopart's community detection)."""
+    for name, value in report.get("fit_record", {}).items():
+        out.print(f"{name.replace('_', ' ')}: {value}", highlight=False)
 
 
 if __name__ == "__main__":

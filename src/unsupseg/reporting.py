@@ -98,6 +98,7 @@ def build_report(
     ]
     if "fit_seconds" in meta:
         summary.insert(5, ("fit time", f"{meta['fit_seconds']} s"))
+    summary[5:5] = [(name.replace("_", " "), value) for name, value in meta.get("fit_record", {}).items()]
     notes = []
     if metrics is not None:
         notes.append(f"Cluster names come from {metrics.get('mapping_from', metrics['matching'])} matching of clusters to classes on the "

@@ -3,6 +3,7 @@ and a tiny fit through the public API."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 
 import numpy as np
@@ -13,10 +14,14 @@ from PIL import Image
 
 import unsupseg
 from unsupseg.errors import ConfigError
-from unsupseg.methods.leopart import merge
 from unsupseg.features.clustering import assign, fit_pca, kmeans
-from unsupseg.methods.leopart.saliency import distinctiveness, gaussian_blur, mass_foreground, remove_small_components
-
+from unsupseg.methods.leopart import merge
+from unsupseg.methods.leopart.saliency import (
+    distinctiveness,
+    gaussian_blur,
+    mass_foreground,
+    remove_small_components,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -158,6 +163,17 @@ def test_cooccurrence_properties():
     rows = a.sum(1)
     torch.testing.assert_close(rows[:5], torch.ones(5, dtype=torch.float64))
     assert rows[5] == 0 and rows[6] == 0 and rows[7] == 0    # absent, or only next to itself
+
+
+def test_similarity_weighted_graph():
+    a = torch.tensor([[0.0, 0.5, 0.2], [0.4, 0.0, 0.3], [0.1, 0.6, 0.0]], dtype=torch.float64)
+    # parts 0 and 1 at 45 degrees (cosine 1/sqrt 2); label 2 (background) has no centroid
+    weighted = merge.similarity_weighted(a, torch.tensor([[2.0, 0.0], [1.0, 1.0]]))
+    c = 0.5 ** 0.5
+    torch.testing.assert_close(weighted, torch.tensor([[0.0, 0.5 * c, 0.2], [0.4 * c, 0.0, 0.3], [0.1, 0.6, 0.0]],
+                                                      dtype=torch.float64))
+    opposite = merge.similarity_weighted(a, torch.tensor([[1.0, 0.0], [-3.0, 0.0]]))   # cosine -1 counts as 0
+    assert opposite[0, 1] == 0 and opposite[1, 0] == 0 and opposite[0, 2] == 0.2
 
 
 def test_cooccurrence_offsets_are_the_reference_list():
@@ -345,7 +361,7 @@ def test_reference_protocol_is_transductive_and_scores_every_seed(tmp_path):
     assert plain["matching"] == "dataset" and len(plain["mapping"]) == 3
 
 
-def test_reference_label_map_uses_each_split_foreground_and_the_input_round_trip():
+def test_reference_label_map_uses_each_split_foreground_at_map_size():
     from unsupseg.features.clustering import PCA
     from unsupseg.methods.leopart import reference_label_map
 
@@ -354,15 +370,41 @@ def test_reference_label_map_uses_each_split_foreground_and_the_input_round_trip
     cd_centroids = torch.tensor([[1.0, 0.0], [5.0, 0.0]])
     # 1 x 3 tokens: +x near (fg, cd 0), +x far (fg, cd 1), +y (cluster 1)
     features = torch.tensor([[1.0, 5.0, 0.0], [0.0, 0.0, 3.0]]).reshape(2, 1, 3)
-    # cd labels at 4 x 4: tokens 0, 0, 1, 2 -> cd 0, 0, 1, 0. The fg mask (tokens 0, 0, 1, 2 too) goes
-    # through the 2 x 6 input and back, as the reference's stored masks: 4 -> 6 repeats columns
-    # 0, 0, 1, 2, 2, 3 and 6 -> 4 takes 0, 1, 3, 4, so the mask's columns become 0, 0, 2, 2
-    only_x = reference_label_map(pca, fg_centroids, torch.tensor([True, False]), cd_centroids, features, 2, 4)
-    assert only_x.tolist() == [[0, 0, 1, 0]] * 4        # column 3 takes column 2's foreground
-    only_y = reference_label_map(pca, fg_centroids, torch.tensor([False, True]), cd_centroids, features, 2, 4)
-    assert only_y.tolist() == [[2, 2, 2, 2]] * 4        # the last column's foreground is lost on the way
-    everything = reference_label_map(pca, torch.zeros(0, 2), torch.zeros(0, dtype=torch.bool), cd_centroids, features, 2, 4)
+    # at 4 x 4 the columns replicate tokens 0, 0, 1, 2 (cd 0, 0, 1, 0); the foreground mask is made at
+    # 4 x 4 too, as the reference builds and uses it (no round trip through the 2 x 6 input)
+    only_x = reference_label_map(pca, fg_centroids, torch.tensor([True, False]), cd_centroids, features, 4)
+    assert only_x.tolist() == [[0, 0, 1, 2]] * 4        # token 2 is background (label k_cd = 2)
+    only_y = reference_label_map(pca, fg_centroids, torch.tensor([False, True]), cd_centroids, features, 4)
+    assert only_y.tolist() == [[2, 2, 2, 0]] * 4
+    no_cbfe = torch.zeros(0, 2), torch.zeros(0, dtype=torch.bool)
+    everything = reference_label_map(pca, *no_cbfe, cd_centroids, features, 4)
     assert everything.tolist() == [[0, 0, 1, 0]] * 4
+
+
+def test_reference_protocol_alone_takes_tau_from_ground_truth_and_says_so(tmp_path):
+    from unsupseg.methods.leopart.params import Params, resolve_protocol
+
+    resolved, notes = resolve_protocol(Params(protocol="reference", saliency_dir=str(tmp_path)))
+    assert resolved.reference_threshold is True and resolved.saliency == "precomputed"
+    assert f"noisy foreground from the masks in {tmp_path}" in notes
+    label_free, notes = resolve_protocol(Params())
+    assert label_free.reference_threshold is False and label_free.saliency == "auto" and notes == []
+    fixed, _ = resolve_protocol(Params(protocol="reference", cbfe_threshold=0.3))
+    assert fixed.reference_threshold is False and fixed.cbfe_threshold == 0.3
+    graph, notes = resolve_protocol(Params(protocol="reference", graph="cooccurrence-similarity"))
+    assert graph.graph == "cooccurrence" and "co-occurrence graph" in notes
+
+    root = _camvid_tree(tmp_path / "camvid")
+    lines = []
+    unsupseg.fit("leopart", out=tmp_path / "run", dataset="camvid", root=root, backbone="efficientnet_lite0",
+                 backbone_weights="random", clusters=3, log=lines.append,
+                 overrides=[f"cache_dir={tmp_path / 'cache'}", "data.resolution=64", "params.k_fg=8", "params.k_cd=6",
+                            "params.weight_threshold=0.01", "params.kmeans_restarts=1", "params.map_size=16",
+                            "params.protocol=reference", "params.runs=1", "params.foreground=cbfe",
+                            "params.saliency=distinctiveness"])
+    said = [line for line in lines if line.startswith("leopart: protocol reference: ")]
+    assert len(said) == 1 and "CBFE threshold from training ground truth" in said[0]
+    assert any(" from ground truth (cut " in line for line in lines)
 
 
 def test_precomputed_saliency_files(tmp_path):
@@ -386,3 +428,93 @@ def test_vitb8_preset_has_the_reference_values():
     assert config.backbone.name == "dino_vitb8" and config.clusters == 21 and config.test.interpolation == "bilinear"
     assert (config.params["k_cd"], config.params["markov_time"], config.params["weight_threshold"]) == (109, 0.4, 0.07)
     assert config.params["protocol"] == "label-free"
+
+
+# ----------------------------------------------------------------------------- community backend, CLI
+
+
+def _console(tmp_path, *args, hide_infomap: bool):
+    """The installed console script, in a subprocess; ``hide_infomap`` makes ``import infomap`` fail
+    (a sitecustomize that marks it missing), as on an install without the leopart extra."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['infomap'] = None\n" if hide_infomap else "")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+           "UNSUPSEG_PROGRESS": "0", "COLUMNS": "200"}
+    script = Path(sys.executable).parent / "unsupseg"
+    return subprocess.run([str(script), *args], capture_output=True, text=True, env=env)
+
+
+_TINY = ["--backbone", "efficientnet_lite0", "--backbone-weights", "random", "--clusters", "3",
+         "--set", "data.resolution=64", "--set", "params.k_fg=8", "--set", "params.k_cd=6",
+         "--set", "params.weight_threshold=0.01", "--set", "params.kmeans_restarts=1", "--set", "params.map_size=16",
+         "--set", "params.foreground=all"]
+
+
+def test_the_community_backend_is_recorded_and_printed_and_the_reference_protocol_needs_infomap(tmp_path):
+    import json
+
+    root = _camvid_tree(tmp_path / "camvid")
+    data = ["--dataset", "camvid", "--root", str(root)]
+    fit = _console(tmp_path, "fit", "--method", "leopart", *data, *_TINY, "--out", str(tmp_path / "run"),
+                   hide_infomap=True)
+    assert fit.returncode == 0, fit.stderr
+    networkx = importlib.metadata.version("networkx")
+    assert json.loads((tmp_path / "run" / "meta.json").read_text())["fit_record"] == {
+        "community_detection": f"louvain (networkx {networkx})"}
+    score = _console(tmp_path, "evaluate", str(tmp_path / "run"), *data, "--split", "val", "--no-crf",
+                     hide_infomap=False)
+    assert score.returncode == 0, score.stderr
+    assert score.stdout.splitlines()[-1] == f"community detection: louvain (networkx {networkx})"
+    report = _console(tmp_path, "report", str(tmp_path / "run"), "--images", str(root / "val"), "--max-images", "1",
+                      "--out", str(tmp_path / "report.html"), hide_infomap=False)
+    assert report.returncode == 0, report.stderr
+    assert f"louvain (networkx {networkx})" in (tmp_path / "report.html").read_text()
+
+    refused = _console(tmp_path, "fit", "--method", "leopart", *data, *_TINY, "--set", "params.protocol=reference",
+                       "--out", str(tmp_path / "ref"), hide_infomap=True)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.splitlines() == ['error: params.protocol=reference needs Infomap, which is not installed: '
+                                           'pip install -e ".[leopart]"']
+    assert not (tmp_path / "ref" / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- same result on every machine
+
+
+def test_pca_tokens_do_not_depend_on_how_the_sums_are_ordered():
+    # another CPU, BLAS build or thread count orders the sums of the PCA's products differently; the
+    # tokens k-means sees must not change (float32 products moved them by ~1e-7 here)
+    from unsupseg.methods.leopart.tokens import GRID, fit_stable_pca, pca_tokens
+
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(3000, 40, generator=gen) @ torch.randn(40, 40, generator=gen)).half().float() + 2
+    torch.set_num_threads(1)
+    one = fit_stable_pca(lambda: [x], 10)
+    torch.set_num_threads(3)
+    # rows in another order and other chunks: the same rows, other sums
+    order = torch.randperm(len(x), generator=gen)
+    other = fit_stable_pca(lambda: x[order].split(7), 10)
+    a, b = pca_tokens(one, x), pca_tokens(other, x)
+    assert a.dtype == torch.float64 and torch.equal(a * GRID, (a * GRID).round())
+    assert torch.equal(a, b)
+
+
+def test_a_fit_gives_the_same_clusters_with_other_thread_counts(tmp_path):
+    images = _image_folder(tmp_path / "images", count=8)
+    overrides = [f"cache_dir={tmp_path / 'cache'}", "data.resolution=64", "params.k_fg=8", "params.k_cd=6",
+                 "params.weight_threshold=0.01", "params.kmeans_restarts=2", "params.map_size=16"]
+    states = []
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        unsupseg.fit("leopart", out=tmp_path / f"run{threads}", images=images, backbone="efficientnet_lite0",
+                     backbone_weights="random", clusters=3, overrides=overrides, log=lambda msg: None)
+        states.append(unsupseg.load(tmp_path / f"run{threads}").predictor.state_dict())
+    assert states[0].keys() == states[1].keys()
+    for name in states[0]:
+        assert torch.equal(states[0][name], states[1][name]), name

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from unsupseg.backbones import build_backbone
 from unsupseg.engine import Dist
 from unsupseg.errors import ConfigError, RunDirError
-from unsupseg.methods import leopart_finetune as lf
+from unsupseg.methods.leopart import finetune as lf
+from unsupseg.methods.leopart import views as lv
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,15 +28,15 @@ def test_crop_boxes_map_back_to_the_same_rectangle(seed):
     p = lf.FinetuneParams()
     rng = np.random.default_rng(seed)
     width, height = 500, 375
-    boxes = lf.sample_crop_boxes(width, height, p, rng)
+    boxes = lv.sample_crop_boxes(width, height, p, rng)
     sizes = [p.global_size] * 2 + [p.local_size] * 4
-    gc, al = lf.overlap_boxes(boxes, sizes, 2)
+    gc, al = lv.overlap_boxes(boxes, sizes, 2)
     assert gc.shape == (2, 6, 4) and al.shape == (6, 2, 4)
     for g in range(2):
         torch.testing.assert_close(gc[g, g], torch.tensor([0.0, 0.0, p.global_size, p.global_size]))
-        assert lf._intersection(boxes[g], boxes[1 - g]) > int(0.02 * width * height)
+        assert lv._intersection(boxes[g], boxes[1 - g]) > int(0.02 * width * height)
     for v in range(2, 6):
-        assert all(lf._intersection(boxes[v], boxes[g]) > int(0.01 * width * height) for g in range(2))
+        assert all(lv._intersection(boxes[v], boxes[g]) > int(0.01 * width * height) for g in range(2))
 
     def back(box_in_frame, crop, size):
         x1, y1, x2, y2 = crop
@@ -58,16 +59,16 @@ def test_crop_boxes_map_back_to_the_same_rectangle(seed):
 def test_overlap_constraints_always_hold():
     p = lf.FinetuneParams()
     for seed in range(300):
-        boxes = lf.sample_crop_boxes(320, 240, p, np.random.default_rng(seed))
-        assert lf._intersection(boxes[0], boxes[1]) > int(0.02 * 320 * 240)
+        boxes = lv.sample_crop_boxes(320, 240, p, np.random.default_rng(seed))
+        assert lv._intersection(boxes[0], boxes[1]) > int(0.02 * 320 * 240)
         for v in range(2, 6):
-            assert min(lf._intersection(boxes[v], boxes[g]) for g in range(2)) > int(0.01 * 320 * 240)
+            assert min(lv._intersection(boxes[v], boxes[g]) for g in range(2)) > int(0.01 * 320 * 240)
 
 
 def test_rrc_box_inside_the_image_and_in_scale():
     rng = np.random.default_rng(0)
     for _ in range(200):
-        x1, y1, x2, y2 = lf.sample_rrc_box(640, 480, (0.25, 1.0), (3 / 4, 4 / 3), rng)
+        x1, y1, x2, y2 = lv.sample_rrc_box(640, 480, (0.25, 1.0), (3 / 4, 4 / 3), rng)
         assert 0 <= x1 < x2 <= 640 and 0 <= y1 < y2 <= 480
         assert (x2 - x1) * (y2 - y1) >= 0.2 * 640 * 480
 
@@ -75,12 +76,12 @@ def test_rrc_box_inside_the_image_and_in_scale():
 def test_views_are_deterministic_per_image():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8))
     p = lf.FinetuneParams(global_size=64, local_size=32)
-    a = lf.make_views(image, p, np.random.default_rng([1, 2, 3]))
-    b = lf.make_views(image, p, np.random.default_rng([1, 2, 3]))
+    a = lv.make_views(image, p, np.random.default_rng([1, 2, 3]))
+    b = lv.make_views(image, p, np.random.default_rng([1, 2, 3]))
     assert a["globals"].shape == (2, 3, 64, 64) and a["locals"].shape == (4, 3, 32, 32)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert 0 <= a["globals"].min() and a["globals"].max() <= 1
-    batch = lf.collate([a, b])
+    batch = lv.collate([a, b])
     assert batch["globals"].shape == (2, 2, 3, 64, 64) and batch["gc"].shape == (2, 2, 6, 4)
 
 
@@ -209,8 +210,8 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     p = _tiny_params(lr_backbone=1e-4, lr_head=3e-3, drop_path=0.0, momentum_start=1.0)
     trainer = lf.Trainer("dino_vits16", "random", p, total_steps=1000, dist=Dist())
     _images(tmp_path / "img", 2)
-    views = [lf.make_views(Image.open(tmp_path / "img" / f"{i}.png").convert("RGB"), p, np.random.default_rng(i)) for i in range(2)]
-    batch = lf.collate(views)
+    views = [lv.make_views(Image.open(tmp_path / "img" / f"{i}.png").convert("RGB"), p, np.random.default_rng(i)) for i in range(2)]
+    batch = lv.collate(views)
     losses = [trainer.step(step, batch)["loss"] for step in range(6)]
     assert all(math.isfinite(x) and x >= 0 for x in losses)
     assert losses[-1] < losses[0]
@@ -240,8 +241,8 @@ def test_student_as_its_own_teacher_without_mask_or_local_crops(tmp_path):
     trainer = lf.Trainer("dino_vits16", "random", p, total_steps=10, dist=Dist())
     assert trainer.teacher is None and "teacher" not in trainer.state()
     _images(tmp_path / "img", 2)
-    views = [lf.make_views(Image.open(tmp_path / "img" / f"{i}.png").convert("RGB"), p, np.random.default_rng(i)) for i in range(2)]
-    logs = trainer.step(0, lf.collate(views))
+    views = [lv.make_views(Image.open(tmp_path / "img" / f"{i}.png").convert("RGB"), p, np.random.default_rng(i)) for i in range(2)]
+    logs = trainer.step(0, lv.collate(views))
     assert math.isfinite(logs["loss"]) and logs["images"] == 2
     assert trainer.queue.items.abs().sum() > 0           # every token enters the queue without a mask
 

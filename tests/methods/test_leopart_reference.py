@@ -12,7 +12,7 @@ import torch
 
 from tests.reference_data import load
 from unsupseg.errors import ConfigError
-from unsupseg.methods import leopart_finetune as lf
+from unsupseg.methods.leopart import finetune as lf
 from unsupseg.methods.leopart import merge
 
 

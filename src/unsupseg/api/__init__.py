@@ -46,6 +46,7 @@ from .segmenter import (
     Prediction,
     Segmenter,
     check_max_pixels,
+    fit_record,
     load,
     run_labels,
     tiled_embed,

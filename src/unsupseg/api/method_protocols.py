@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..evaluation.metrics import ConfusionMatrix, leopart_score
 from ..features.extract import extract_features
 from ..methods.leopart.method import REFERENCE_PROTOCOL
-from .segmenter import Segmenter, load
+from .segmenter import Segmenter, fit_record, load
 
 
 def evaluate_leopart_reference(
@@ -47,7 +47,7 @@ def evaluate_leopart_reference(
     size = params.map_size
     confusions = None
     for i in track(range(len(store)), len(store), f"evaluating {dataset}/{split} (Leopart reference protocol)"):
-        maps = seg.predictor.reference_label_maps(store[i], seg.backbone.stride, size)
+        maps = seg.predictor.reference_label_maps(store[i], size)
         label = F.interpolate(store.label(i)[None, None].float(), size=(size, size), mode="nearest")[0, 0].long()
         if confusions is None:
             confusions = [ConfusionMatrix(seg.num_clusters, data.num_classes) for _ in range(len(maps))]
@@ -73,6 +73,7 @@ def evaluate_leopart_reference(
                      for k, (m, a) in enumerate(zip(miou, accuracy))],
         "per_class_iou": {name: round(float(100 * np.mean([r.iou[c] for r in runs])), 4)
                           for c, name in enumerate(data.classes)},
+        "fit_record": fit_record(seg),
         "unsupseg_version": __version__,
     }
     if json_path is not None:

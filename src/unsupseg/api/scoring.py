@@ -19,7 +19,7 @@ from ..evaluation.metrics import PROTOCOLS, ConfusionMatrix, PerImageHungarian, 
 from ..features.extract import extract_features
 from ..methods.base import LinearProbe
 from .method_protocols import METHOD_PROTOCOLS
-from .segmenter import Segmenter, load, run_labels
+from .segmenter import Segmenter, fit_record, load, run_labels
 
 PROBES = ("clusters", "linear")
 
@@ -136,6 +136,7 @@ def evaluate(
         "probe": probe,
         "num_clusters": seg.num_clusters,
         "confusion": confusion.matrix.tolist(),
+        "fit_record": fit_record(seg),
         "unsupseg_version": __version__,
     }
     if merged != labels_file.identity(seg.num_clusters):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -318,3 +319,11 @@ def run_labels(seg: Segmenter) -> labels_file.Labels:
     if seg.path is None:
         return labels_file.identity(seg.num_clusters)
     return labels_file.load(seg.path, seg.num_clusters)
+
+
+def fit_record(seg: Segmenter) -> dict[str, str]:
+    """What the method recorded about its fit (meta.json "fit_record"; empty for runs in memory or
+    written before it was recorded)."""
+    if seg.path is None or not (Path(seg.path) / rundir.META).is_file():
+        return {}
+    return json.loads((Path(seg.path) / rundir.META).read_text()).get("fit_record", {})

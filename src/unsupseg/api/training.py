@@ -133,6 +133,7 @@ def _fit(config: RunConfig, impl: Method, params, out: Path, dist, log: Callable
                                "fingerprint": train_data.fingerprint()},
                 "fit_seconds": round(elapsed, 1),
                 **({"clusters_auto": auto.to_dict()} if auto is not None else {}),
+                **({"fit_record": ctx.record} if ctx.record else {}),
             },
         )
         log(f"fit finished in {elapsed:.1f} s; run written to {out}")

@@ -40,8 +40,8 @@ class PCA:
     components: Tensor   # P x D, orthonormal rows, decreasing explained variance
 
     def transform(self, x: Tensor) -> Tensor:
-        """N x D -> N x P."""
-        return ((x.float() - self.mean) / self.std) @ self.components.T
+        """N x D -> N x P, in the dtype of the components."""
+        return ((x.to(self.components.dtype) - self.mean) / self.std) @ self.components.T
 
     def transform_maps(self, maps: Tensor) -> Tensor:
         """B x D x h x w -> B x P x h x w."""
@@ -49,8 +49,10 @@ class PCA:
         return torch.einsum("bdhw,pd->bphw", x, self.components)
 
 
-def fit_pca(chunks: Callable[[], Iterable[Tensor]], dim: int) -> PCA:
-    """PCA of standardised rows; ``chunks()`` yields N_i x D tensors and is called twice."""
+def fit_pca(chunks: Callable[[], Iterable[Tensor]], dim: int, dtype: torch.dtype = torch.float32) -> PCA:
+    """PCA of standardised rows; ``chunks()`` yields N_i x D tensors and is called twice. ``dtype``:
+    of the centred products and of the result (float64: the products no longer depend on how BLAS
+    orders its sums, which varies with the CPU and the thread count, beyond float64 rounding)."""
     total, count = None, 0
     for x in chunks():
         x = x.double()
@@ -60,10 +62,10 @@ def fit_pca(chunks: Callable[[], Iterable[Tensor]], dim: int) -> PCA:
         raise ValueError("PCA needs at least two rows")
     mean = total / count
     cov = torch.zeros(len(mean), len(mean), dtype=torch.float64)
-    mean32 = mean.float()
+    mean_d = mean.to(dtype)
     for x in chunks():
-        xc = x.float() - mean32
-        cov += (xc.T @ xc).double()     # float32 products of centred rows, summed in float64
+        xc = x.to(dtype) - mean_d
+        cov += (xc.T @ xc).double()     # products of centred rows in dtype, summed in float64
     cov /= count
     std = cov.diagonal().sqrt()
     std = torch.where(std > 0, std, torch.ones_like(std))
@@ -75,15 +77,18 @@ def fit_pca(chunks: Callable[[], Iterable[Tensor]], dim: int) -> PCA:
     # a fixed sign per component (largest entry positive), so results do not depend on the solver
     signs = torch.sign(components.gather(1, components.abs().argmax(1, keepdim=True)))
     components = components * torch.where(signs == 0, torch.ones_like(signs), signs)
-    return PCA(mean.float(), std.float(), components.float().contiguous())
+    return PCA(mean.to(dtype), std.to(dtype), components.to(dtype).contiguous())
 
 
 def assign(x: Tensor, centroids: Tensor, spherical: bool) -> tuple[Tensor, Tensor]:
-    """(cluster index, objective per point): max inner product (spherical) or min squared L2."""
+    """(cluster index, objective per point): max inner product (spherical) or min squared L2; in
+    float64 when ``x`` or ``centroids`` is float64, else float32."""
     labels, objective = [], []
+    dtype = torch.float64 if torch.float64 in (x.dtype, centroids.dtype) else torch.float32
+    centroids = centroids.to(dtype)
     c_norm = (centroids * centroids).sum(1)
     for start in range(0, len(x), _CHUNK):
-        block = x[start : start + _CHUNK].float()
+        block = x[start : start + _CHUNK].to(dtype)
         dots = block @ centroids.T
         if spherical:
             best, idx = dots.max(1)
@@ -105,7 +110,7 @@ def _split_empty(centroids: Tensor, sizes: Tensor, generator: torch.Generator) -
         if weights.sum() == 0:
             return
         m = int(torch.multinomial(weights, 1, generator=generator))
-        sign = torch.ones(centroids.shape[1])
+        sign = torch.ones(centroids.shape[1], dtype=centroids.dtype)
         sign[1::2] = -1
         centroids[j] = centroids[m] * (1 + eps * sign)
         centroids[m] = centroids[m] * (1 - eps * sign)
@@ -123,10 +128,11 @@ def kmeans(
     restarts: int = 5,
     points_per_centroid: int = 256,
 ) -> Tensor:
-    """k x d centroids of the rows of ``x`` (see the module docstring)."""
+    """k x d centroids of the rows of ``x`` (see the module docstring); float64 ``x`` is clustered in
+    float64, anything else in float32."""
     if k < 1 or len(x) < k:
         raise ValueError(f"k-means with k={k} needs at least k points, got {len(x)}")
-    x = x.float()
+    x = x if x.dtype == torch.float64 else x.float()
     if len(x) > points_per_centroid * k:
         x = x[torch.randperm(len(x), generator=generator)[: points_per_centroid * k]]
     best, best_obj = None, None

@@ -30,6 +30,9 @@ class FitContext:
     dist: Dist
     checkpoint_dir: Path | None
     log: Callable[[str], None]
+    # what the method states about how its fit ran (e.g. which library did a step): meta.json's
+    # "fit_record", shown by evaluate and report
+    record: dict[str, str] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:

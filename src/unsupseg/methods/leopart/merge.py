@@ -129,6 +129,16 @@ def cooccurrence(label_maps: Iterable[Tensor], n: int) -> Tensor:
     return total / present.clamp_min(1)[:, None]
 
 
+def similarity_weighted(a: Tensor, centroids: Tensor) -> Tensor:
+    """A (n x n) times the cosine of the part centroids (k x d, k <= n), negative cosines as 0: parts
+    that touch but look different link weakly. Labels past k (background) keep their weights."""
+    k = len(centroids)
+    unit = torch.nn.functional.normalize(centroids.double(), dim=1)
+    sim = torch.ones_like(a)
+    sim[:k, :k] = (unit @ unit.T).clamp_min(0)
+    return a * sim
+
+
 def build_graph(a: Tensor, weight_threshold: float) -> list[tuple[int, int, float]]:
     """Edges (i, j, w), i < j, where A[i, j] and A[j, i] both reach the threshold; w = their minimum."""
     low = torch.minimum(a, a.T)
@@ -149,9 +159,11 @@ def _louvain(edges, seed: int, resolution: float) -> dict[int, int]:
 def _infomap(edges, number: int, markov_time: float, seed: int, trials: int) -> dict[int, int]:
     import infomap
 
+    # serial trials and moves (Infomap's defaults, pinned): its OpenMP options would make the partition
+    # depend on the machine's thread count
     result = infomap.run(
         edges, two_level=True, markov_time=markov_time, seed=seed, num_trials=trials,
-        preferred_number_of_modules=number,
+        preferred_number_of_modules=number, inner_parallelization=False, parallel_trials=False,
     )
     return {int(node): int(module) for node, module in result.modules().items()}
 
@@ -175,6 +187,25 @@ def community_backend(requested: str) -> str:
         package = "infomap>=2.16" if requested == "infomap" else "networkx>=3"
         raise ConfigError(f"params.community={requested} needs {package}: pip install '{package}'")
     return requested
+
+
+def reference_backend(requested: str) -> str:
+    """Infomap, which the reference protocol needs (its seeds and forced module count are Infomap's)."""
+    import importlib.util
+
+    if requested == "louvain":
+        raise ConfigError("params.protocol=reference runs Infomap, as the reference; params.community=louvain cannot")
+    if importlib.util.find_spec("infomap") is None:
+        raise ConfigError('params.protocol=reference needs Infomap, which is not installed: '
+                          'pip install -e ".[leopart]"')
+    return "infomap"
+
+
+def backend_description(backend: str) -> str:
+    """The backend and the version of the library that ran it, e.g. "infomap 2.16.0"."""
+    from importlib.metadata import version
+
+    return f"infomap {version('infomap')}" if backend == "infomap" else f"louvain (networkx {version('networkx')})"
 
 
 def detect_communities(
