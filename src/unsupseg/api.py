@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import __version__, rundir
-from ._io import atomic_path, atomic_write_text, check_writable_dir, check_writable_file, remove_stale_temporaries
+from ._io import (atomic_write_image, atomic_write_text, check_writable_dir, check_writable_file,
+                  remove_stale_temporaries)
 from ._progress import console, track
 from .backbones import build_backbone
 from .config import (
@@ -1013,10 +1014,8 @@ def claim_output_folder(seg: Segmenter, out: Path, items: list[OutputItem], crf:
 def write_outputs(item: OutputItem, image: Image.Image, labels: np.ndarray, num_clusters: int) -> None:
     """The mask (cluster id per pixel, 8- or 16-bit PNG) and the overlay, each written atomically."""
     dtype = np.uint8 if num_clusters <= 256 else np.uint16
-    with atomic_path(item.mask) as tmp:
-        Image.fromarray(labels.astype(dtype)).save(tmp, format="PNG")
-    with atomic_path(item.overlay) as tmp:
-        overlay(image, labels, num_clusters).save(tmp, format="JPEG", quality=90)
+    atomic_write_image(item.mask, Image.fromarray(labels.astype(dtype)), format="PNG")
+    atomic_write_image(item.overlay, overlay(image, labels, num_clusters), format="JPEG", quality=90)
 
 
 class SegmentResult(list):
