@@ -142,6 +142,8 @@ def torch_load_plain(path: str | os.PathLike, error: type[Exception], allowed: t
         found = re.search(r"GLOBAL (\S+)", str(err))
         if found is None:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if "weights_only" in first:   # torch's advice to load with weights_only=False: never ours to give
+                first = "not a pickle of tensors"
             raise error(f"cannot read {path}: not a PyTorch file or damaged ({first})") from None
         raise error(
             f"refusing to load {path}: the file holds code ({found.group(1)}), not only tensors; "

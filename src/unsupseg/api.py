@@ -75,6 +75,9 @@ def resolve_config(
         from .config import load_yaml
 
         data = load_yaml(config_file)
+        if method and data.get("method") and data.get("params") and method != data["method"]:
+            raise ConfigError(f"{config_file} is a {data['method']} config: its params do not fit --method {method}; "
+                              f"drop --method, or leave out --config and start from a {method} preset")
     method = method or data.get("method") or "kmeans"
     get_method(method)
     dataset = fields.get("data.dataset") or data.get("data", {}).get("dataset")

@@ -57,8 +57,9 @@ def print_scores(report: dict, title: str) -> None:
 
 
 def _clusters(text: str | None) -> int | str | None:
-    """--clusters: digits are a number; anything else goes to the config check as text ("auto")."""
-    return int(text) if text is not None and text.strip().isdigit() else text
+    """--clusters: a whole number (negative included, for the range check) is a number; anything else goes to
+    the config check as text ("auto")."""
+    return int(text) if text is not None and text.strip().lstrip("+-").isdigit() else text
 
 
 def print_seed_scores(report: dict, title: str) -> None:
