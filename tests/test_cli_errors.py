@@ -180,3 +180,16 @@ def test_square_brackets_in_a_message_reach_the_user(tmp_path):
     message = one_error(cli("fit", "--method", "kmeans", "--images", tmp_path / "photos[2024]", "--out",
                             tmp_path / "r", "--clusters", "3"))
     assert "photos[2024]" in message
+
+
+# --- readers -------------------------------------------------------------------------------------------
+
+def test_fit_does_not_train_on_segment_outputs_in_a_subfolder(run, tmp_path):
+    write_images(tmp_path / "photos", 3)
+    assert cli("segment", run, tmp_path / "photos", "--out", tmp_path / "photos" / "masks").returncode == 0
+    result = cli("fit", "--plan", "--method", "kmeans", "--images", tmp_path / "photos", "--out", tmp_path / "r",
+                 "--clusters", "3", "--backbone", "efficientnet_lite0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "fit kmeans on photos: 3 training items (3 images)"
+    assert result.stderr.splitlines() == [f"warning: skipping 6 mask/overlay file(s) in {tmp_path / 'photos' / 'masks'}: "
+                                          "a segment output folder, not photos"]

@@ -35,6 +35,7 @@ from .config import (
     to_dict,
 )
 from .data import CroppedDataset, CropView, ImageFolder, Preprocess, build_dataset, load_image
+from .data.datasets import SEGMENT_RECORD
 from .data.images import DEFAULT_MAX_PIXELS, DataWarning, to_rgb
 from .engine import autocast, init_distributed, resolve_precision
 from .errors import ConfigError, DataError, OutputError, RunDirError
@@ -897,11 +898,6 @@ def evaluate_overcluster(
 # ----------------------------------------------------------------------------- segment
 
 
-# Beside the masks: which run (and CRF setting) wrote them, so that a later call does not mix runs in
-# one folder, and a folder holding it is known to hold outputs (never read back as inputs).
-SEGMENT_RECORD = ".unsupseg-segment.json"
-
-
 def check_max_pixels(max_pixels: int | None) -> None:
     if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
         raise ConfigError(f"max_pixels must be a positive number of pixels (or None: no limit), got {max_pixels!r}")
@@ -920,17 +916,6 @@ class OutputItem:
         return self.mask.exists() and self.overlay.exists()
 
 
-def _is_output_file(path: Path) -> bool:
-    return path.suffix.lower() == ".png" or path.name.endswith("_overlay.jpg")
-
-
-def _output_roots(folder: Path) -> list[Path]:
-    """Folders in, under or above ``folder`` that hold segment outputs (they have a SEGMENT_RECORD)."""
-    roots = [rec.parent.absolute() for rec in folder.rglob(SEGMENT_RECORD)]
-    roots += [parent for parent in folder.absolute().parents if (parent / SEGMENT_RECORD).is_file()]
-    return roots
-
-
 def plan_outputs(paths: Sequence[str | os.PathLike], out: str | os.PathLike, strict: bool = False) -> list[OutputItem]:
     """Every input image under ``paths`` with its output files in ``out``.
 
@@ -945,12 +930,7 @@ def plan_outputs(paths: Sequence[str | os.PathLike], out: str | os.PathLike, str
         if not p.exists():
             raise DataError(f"input {p} does not exist")
         if p.is_dir():
-            roots = _output_roots(p)
-
-            def earlier_output(f: Path) -> bool:
-                return _is_output_file(f) and any(f.absolute().is_relative_to(r) for r in roots)
-
-            sources += [(f, p) for f in ImageFolder(p, strict=strict, exclude=earlier_output).files()]
+            sources += [(f, p) for f in ImageFolder(p, strict=strict).files()]   # leaves earlier outputs out
         else:
             sources.append((p, p.parent))
     if not sources:

@@ -381,7 +381,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     # one line naming the problem, without the library's source line
     from rich.markup import escape
 
-    Console(stderr=True).print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
+    Console(stderr=True).print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def _error(message: str, prefix: str = "[bold red]error:[/] ") -> None:
