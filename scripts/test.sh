@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite: set up if needed, install what only the tests use, then pytest (real-data tests read
-# ../shared/data/camvid). Under CI=true a skipped browser, CamVid or CRF-reference test is a failure
-# (tests/ci_skips.py), so an install that fails here fails the run there instead of passing silently.
+# ../shared/data/camvid), listing the 20 slowest tests. Under CI=true a skipped browser, CamVid or
+# CRF-reference test is a failure (tests/ci_skips.py), so an install that fails here fails the run there
+# instead of passing silently.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -17,4 +18,8 @@ if ! .venv/bin/python -c "import pydensecrf" 2>/dev/null; then
     .venv/bin/python -m pip install -q -e ".[crf-reference]" \
         || { echo "warning: pydensecrf2 did not install; CRF agreement tests will skip" >&2; [ "$ci" != true ]; }
 fi
-exec .venv/bin/python -m pytest -q --durations=20 "$@"
+# Locally the `slow` tests (real data, whole pipelines) are left out; CI runs everything. A -m of your own
+# comes later on the command line and wins: scripts/test.sh -m slow runs only them.
+select=()
+[ "$ci" = true ] || select=(-m "not slow")
+exec .venv/bin/python -m pytest -q --durations=20 "${select[@]}" "$@"
