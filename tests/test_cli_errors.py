@@ -43,7 +43,8 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli-errors")
     write_images(tmp / "imgs", 3)
     unsupseg.fit("kmeans", images=tmp / "imgs", out=tmp / "run", clusters=3, backbone="efficientnet_lite0",
-                 overrides=["data.resolution=48", "params.restarts=1", f"cache_dir={tmp / 'cache'}"], log=lambda m: None)
+                 overrides=["data.resolution=48", "params.restarts=1", f"cache_dir={tmp / 'cache'}"],
+                 log=lambda m: None)
     return tmp / "run"
 
 
@@ -191,5 +192,6 @@ def test_fit_does_not_train_on_segment_outputs_in_a_subfolder(run, tmp_path):
                  "--clusters", "3", "--backbone", "efficientnet_lite0")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == "fit kmeans on photos: 3 training items (3 images)"
-    assert result.stderr.splitlines() == [f"warning: skipping 6 mask/overlay file(s) in {tmp_path / 'photos' / 'masks'}: "
+    masks = tmp_path / "photos" / "masks"
+    assert result.stderr.splitlines() == [f"warning: skipping 6 mask/overlay file(s) in {masks}: "
                                           "a segment output folder, not photos"]

@@ -118,7 +118,8 @@ def _train(stage: Stage, path: Path | None, dist: Dist, start: int, history: lis
     return step
 
 
-def run_stage(stage: Stage, ckpt_dir: str | Path | None, dist: Dist, log: Callable[[str], None] | None = None) -> list[dict]:
+def run_stage(stage: Stage, ckpt_dir: str | Path | None, dist: Dist,
+              log: Callable[[str], None] | None = None) -> list[dict]:
     """Run (or resume, or skip if finished) one stage; returns the per-step logs of this call."""
     path = _checkpoint_path(Path(ckpt_dir), stage) if ckpt_dir is not None else None
     start = 0
