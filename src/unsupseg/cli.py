@@ -1,6 +1,8 @@
 """Command-line interface: ``unsupseg fit | segment | evaluate | backbones | prepare-crops | ...``.
 
-Errors of our own (UnsupsegError) are printed as one message, without a traceback, exit code 2.
+Every error is one line on stderr, without a traceback: our own (UnsupsegError) and a mistyped command
+line exit 2, an operating-system error (a name too long, a full disk) 1, Ctrl-C 130 with where a rerun
+resumes.
 """
 
 from __future__ import annotations
