@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.11) with unsupseg and its test/demo extras, once; later calls are no-ops
-# until pyproject.toml changes. torch and torchvision are pinned to the releases that install
-# offline on the project machines; pip takes them from its local index there.
+# Create .venv (Python 3.11) with unsupseg and its test/demo extras, once; later calls are no-ops until
+# pyproject.toml changes. What only the tests need (chromium, pydensecrf2) scripts/test.sh adds. torch and
+# torchvision are pinned to the releases that install offline on the project machines; pip takes them from
+# its local index there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
@@ -16,6 +17,4 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/python -m pip install -q -e ".[dev,demo,leopart]"
-# The reference CRF backend compiles C++; without it only the agreement tests skip.
-.venv/bin/python -m pip install -q -e ".[crf-reference]" || echo "warning: pydensecrf2 did not install; CRF agreement tests will skip" >&2
 echo "$want" > "$stamp"

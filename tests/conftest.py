@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.ci_skips import pytest_runtest_makereport  # noqa: F401  (a hook: CI turns some skips into failures)
+
 # progress bars off in tests; every test gets its own feature cache unless it asks for the shared one
 os.environ.setdefault("UNSUPSEG_PROGRESS", "0")
 

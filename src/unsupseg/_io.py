@@ -9,6 +9,8 @@ never a live neighbour's files.
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import os
 import pickle
 import re
@@ -21,6 +23,8 @@ from .errors import OutputError
 
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
 # .<final name>.<host>~<pid>~<random>.tmp
+# a full disk, a quota or a file size limit while the body writes the temporary file
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)~(?P<pid>\d+)~[^.]*\.tmp$")
 
 
@@ -28,12 +32,20 @@ _TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)~(?P<pid>\d+)~[^.]*\.tmp$")
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}~{os.getpid()}~", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}~{os.getpid()}~", suffix=".tmp", dir=path.parent)
+    except OSError as err:   # a name too long, a read-only folder: say which output, not where in the code
+        raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError as err:
+            if err.errno not in _DISK_FULL:
+                raise
+            raise OutputError(f"cannot write {path}: {err.strerror or err}; nothing was written there") from None
         # mkstemp creates 0600 files; outputs get the usual permissions (0666 less the umask)
         umask = os.umask(0)
         os.umask(umask)
@@ -54,6 +66,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_image(path: str | os.PathLike, image, **save_args) -> None:
+    """Encode a Pillow image in memory, then write it with a checked write: Pillow's JPEG encoder ends a
+    short write to a file without an error, which on a full disk left a truncated photo in place."""
+    buffer = io.BytesIO()
+    image.save(buffer, **save_args)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _alive(pid: int) -> bool:
@@ -122,6 +142,8 @@ def torch_load_plain(path: str | os.PathLike, error: type[Exception], allowed: t
         found = re.search(r"GLOBAL (\S+)", str(err))
         if found is None:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if "weights_only" in first:   # torch's advice to load with weights_only=False: never ours to give
+                first = "not a pickle of tensors"
             raise error(f"cannot read {path}: not a PyTorch file or damaged ({first})") from None
         raise error(
             f"refusing to load {path}: the file holds code ({found.group(1)}), not only tensors; "

@@ -1,6 +1,8 @@
 """Command-line interface: ``unsupseg fit | segment | evaluate | backbones | prepare-crops | ...``.
 
-Errors of our own (UnsupsegError) are printed as one message, without a traceback, exit code 2.
+Every error is one line on stderr, without a traceback: our own (UnsupsegError) and a mistyped command
+line exit 2, an operating-system error (a name too long, a full disk) 1, Ctrl-C 130 with where a rerun
+resumes.
 """
 
 from __future__ import annotations
@@ -59,8 +61,9 @@ def print_scores(report: dict, title: str) -> None:
 
 
 def _clusters(text: str | None) -> int | str | None:
-    """--clusters: digits are a number; anything else goes to the config check as text ("auto")."""
-    return int(text) if text is not None and text.strip().isdigit() else text
+    """--clusters: a whole number (negative included, for the range check) is a number; anything else goes to
+    the config check as text ("auto")."""
+    return int(text) if text is not None and text.strip().lstrip("+-").isdigit() else text
 
 
 def print_seed_scores(report: dict, title: str) -> None:
@@ -480,31 +483,60 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     # one line naming the problem, without the library's source line
     from rich.markup import escape
 
-    Console(stderr=True).print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False)
+    Console(stderr=True).print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+def _error(message: str, prefix: str = "[bold red]error:[/] ") -> None:
+    # escaped: rich markup would eat square brackets such as "unsupseg[demo]"
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"{prefix}{escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _usage_message(err: typer.TyperException) -> str:
+    """One line for a mistyped command line: click's own message and where the help is."""
+    ctx = getattr(err, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return f"{err.format_message()}{hint}"
+
+
+def _os_message(err: OSError) -> str:
+    """One line for an operating-system error: the path and the problem, not the call stack."""
+    problem = err.strerror or str(err)
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {problem}" if paths else problem
 
 
 def main() -> None:
     import warnings
 
+    from .errors import Interrupted
+
     warnings.showwarning = _show_warning
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+    except Interrupted as err:
+        _error(str(err), prefix="")
+        sys.exit(130)
     except UnsupsegError as err:
-        from rich.markup import escape   # a message may hold brackets (pip extras, lists)
-
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+        _error(str(err))
         sys.exit(2)
+    except typer.TyperException as err:  # typer's bundled click: usage errors (missing/unknown option, bad value)
+        if err.format_message():  # empty for a bare `unsupseg`, whose help typer has printed
+            _error(_usage_message(err))
+        sys.exit(err.exit_code)
     except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
-    except typer.Abort:
-        sys.exit(130)
-    except Exception as err:  # click usage errors
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+    except typer.Abort:  # end of input at a prompt
+        _error("aborted")
+        sys.exit(1)
+    except OSError as err:  # file name too long, disk full, permission: written atomically, nothing half-done
+        _error(_os_message(err))
+        sys.exit(1)
+    # typer turns Ctrl-C outside a training stage into exit code 130 and returns it
+    if code == 130:
+        _error("interrupted; rerun the same command to continue (finished work is kept)", prefix="")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _seeds(text: str | None) -> tuple[int, ...]:

@@ -34,3 +34,7 @@ class CheckpointError(UnsupsegError):
 class OutputError(UnsupsegError):
     """An output file or folder cannot be written there (a file where a folder is needed, read-only,
     on top of an input, or holding somebody else's files)."""
+
+
+class Interrupted(UnsupsegError):
+    """Ctrl-C (SIGINT) stopped the work; the message says where a rerun resumes. Exit code 130."""

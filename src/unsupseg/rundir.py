@@ -110,10 +110,15 @@ def prepare(path: Path, config: RunConfig, overwrite: bool) -> bool:
         else:
             # an earlier fit stopped before its first checkpoint: only its config is there
             discard(path)
+    created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path / CONFIG, dump_yaml(to_dict(config)))
-    except OSError as err:
+    except (OSError, OutputError) as err:
+        if created and path.is_dir() and not any(path.iterdir()):   # a full disk leaves no empty run folder
+            path.rmdir()
+        if isinstance(err, OutputError):
+            raise
         raise OutputError(f"cannot write the run directory {path}: {err.strerror or err}") from None
     return False
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from unsupseg.engine import Dist, GeneratorState, Stage, run_stage
-from unsupseg.errors import RunDirError
+from unsupseg.errors import Interrupted, RunDirError
 
 
 def _stage(total, steps_per_epoch=4, fail_at=None, checkpoint_every=2):
@@ -36,7 +36,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path):
     run_stage(straight, None, Dist())
 
     interrupted, _ = _stage(10, fail_at=7)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match=r"^interrupted; rerun the same command to resume from step 6/10 of s$"):
         run_stage(interrupted, tmp_path, Dist())
     assert torch.load(tmp_path / "s.pt", weights_only=True)["step"] == 6
     resumed, model_b = _stage(10)

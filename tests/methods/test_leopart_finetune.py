@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from unsupseg.backbones import build_backbone
 from unsupseg.engine import Dist
-from unsupseg.errors import ConfigError, RunDirError
+from unsupseg.errors import ConfigError, Interrupted, RunDirError
 from unsupseg.methods.leopart import finetune as lf
 from unsupseg.methods.leopart import views as lv
 
@@ -280,7 +280,7 @@ def test_finetune_writes_a_loadable_backbone_and_resumes_exactly(tmp_path, monke
         return real_step(self, step, batch)
 
     monkeypatch.setattr(lf.Trainer, "step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="resume from step 2/"):
         lf.finetune("dino_vits16", images, tmp_path / "b", **kwargs)
     monkeypatch.setattr(lf.Trainer, "step", real_step)
     resumed = lf.finetune("dino_vits16", images, tmp_path / "b", **kwargs)

@@ -16,7 +16,7 @@ from unsupseg.features.knn import knn_indices, pooled_descriptors
 from unsupseg.methods import stego
 from unsupseg.methods.base import FitContext
 
-from tests.torchrun import free_port
+from tests.torchrun import AGENT_STORE, rendezvous_port
 
 
 def _store(folder, n=8, dim=12, side=5):
@@ -40,7 +40,7 @@ def _training(store, dist):
 
 
 def _ddp_worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **AGENT_STORE)
     torch.set_num_threads(1)
     torch_dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -57,7 +57,8 @@ def _ddp_worker(rank: int, world: int, port: int, folder: str, out: str) -> None
 
 def test_two_process_ddp_ends_with_identical_weights(tmp_path):
     _store(tmp_path / "cache")         # built once here, read by both workers
-    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path / "cache"), str(tmp_path)), nprocs=2, join=True)
+    with rendezvous_port() as port:
+        mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "cache"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for key, value in r0["state"].items():
         assert torch.equal(value, r1["state"][key]), key

@@ -8,7 +8,7 @@ import unsupseg.api as api
 from tests.conftest import write_images
 from unsupseg.config import RunConfig, from_dict, preset_names, to_dict
 from unsupseg.engine import Dist, run_stage
-from unsupseg.errors import ConfigError
+from unsupseg.errors import ConfigError, Interrupted
 from unsupseg.features.cache import open_or_build
 from unsupseg.features.knn import knn_indices, pooled_descriptors
 from unsupseg.methods import stego
@@ -85,7 +85,7 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
         return inner(i, batch)
 
     stage.step = failing
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match=r"resume from step 4/6 of stego$"):
         run_stage(stage, tmp_path / "ckpt", Dist())
     stage, resumed = _training(store, crop=3)
     assert len(run_stage(stage, tmp_path / "ckpt", Dist())) == 2          # steps 4 and 5 only

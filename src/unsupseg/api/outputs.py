@@ -14,21 +14,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .._io import atomic_path, atomic_write_text, check_writable_dir, remove_stale_temporaries
+from .._io import atomic_write_image, atomic_write_text, check_writable_dir, remove_stale_temporaries
 from .._progress import track
 from ..config import (
     to_dict,
 )
 from ..data import ImageFolder, load_image
+from ..data.datasets import SEGMENT_RECORD
 from ..data.images import DEFAULT_MAX_PIXELS, DataWarning
 from ..engine import init_distributed
 from ..errors import DataError, OutputError
 from ..evaluation.visualize import overlay
 from .segmenter import Segmenter, check_max_pixels, load, run_labels
-
-# Beside the masks: which run (and CRF setting) wrote them, so that a later call does not mix runs in
-# one folder, and a folder holding it is known to hold outputs (never read back as inputs).
-SEGMENT_RECORD = ".unsupseg-segment.json"
 
 
 @dataclass(frozen=True)
@@ -42,17 +39,6 @@ class OutputItem:
 
     def done(self) -> bool:
         return self.mask.exists() and self.overlay.exists()
-
-
-def _is_output_file(path: Path) -> bool:
-    return path.suffix.lower() == ".png" or path.name.endswith("_overlay.jpg")
-
-
-def _output_roots(folder: Path) -> list[Path]:
-    """Folders in, under or above ``folder`` that hold segment outputs (they have a SEGMENT_RECORD)."""
-    roots = [rec.parent.absolute() for rec in folder.rglob(SEGMENT_RECORD)]
-    roots += [parent for parent in folder.absolute().parents if (parent / SEGMENT_RECORD).is_file()]
-    return roots
 
 
 def plan_outputs(paths: Sequence[str | os.PathLike], out: str | os.PathLike, strict: bool = False) -> list[OutputItem]:
@@ -69,12 +55,7 @@ def plan_outputs(paths: Sequence[str | os.PathLike], out: str | os.PathLike, str
         if not p.exists():
             raise DataError(f"input {p} does not exist")
         if p.is_dir():
-            roots = _output_roots(p)
-
-            def earlier_output(f: Path) -> bool:
-                return _is_output_file(f) and any(f.absolute().is_relative_to(r) for r in roots)
-
-            sources += [(f, p) for f in ImageFolder(p, strict=strict, exclude=earlier_output).files()]
+            sources += [(f, p) for f in ImageFolder(p, strict=strict).files()]   # leaves earlier outputs out
         else:
             sources.append((p, p.parent))
     if not sources:
@@ -146,10 +127,8 @@ def claim_output_folder(seg: Segmenter, out: Path, items: list[OutputItem], crf:
 def write_outputs(item: OutputItem, image: Image.Image, labels: np.ndarray, num_clusters: int) -> None:
     """The mask (cluster id per pixel, 8- or 16-bit PNG) and the overlay, each written atomically."""
     dtype = np.uint8 if num_clusters <= 256 else np.uint16
-    with atomic_path(item.mask) as tmp:
-        Image.fromarray(labels.astype(dtype)).save(tmp, format="PNG")
-    with atomic_path(item.overlay) as tmp:
-        overlay(image, labels, num_clusters).save(tmp, format="JPEG", quality=90)
+    atomic_write_image(item.mask, Image.fromarray(labels.astype(dtype)), format="PNG")
+    atomic_write_image(item.overlay, overlay(image, labels, num_clusters), format="JPEG", quality=90)
 
 
 class SegmentResult(list):
@@ -243,5 +222,5 @@ def confidence_path(item: OutputItem) -> Path:
 
 
 def write_confidence(item: OutputItem, top: np.ndarray) -> None:
-    with atomic_path(confidence_path(item)) as tmp:
-        Image.fromarray((np.clip(top, 0, 1) * 255).round().astype(np.uint8)).save(tmp, format="PNG")
+    atomic_write_image(confidence_path(item), Image.fromarray((np.clip(top, 0, 1) * 255).round().astype(np.uint8)),
+                       format="PNG")

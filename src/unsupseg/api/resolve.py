@@ -59,6 +59,9 @@ def resolve_run(
         from ..config import load_yaml
 
         data = load_yaml(config_file)
+        if method and data.get("method") and data.get("params") and method != data["method"]:
+            raise ConfigError(f"{config_file} is a {data['method']} config: its params do not fit --method {method}; "
+                              f"drop --method, or leave out --config and start from a {method} preset")
     name = method or data.get("method") or "kmeans"
     impl = get_method(name)
     dataset = fields.get("data.dataset") or data.get("data", {}).get("dataset")

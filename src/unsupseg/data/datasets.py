@@ -45,14 +45,15 @@ class ImageFolder(SegDataset):
 
     Ids are relative paths without extension (posix). Files and folders whose name starts with
     "." are ignored (editor/OS metadata). A file whose header cannot be read is skipped with a
-    ``DataWarning``, or raises ``DataError`` when ``strict``. Files for which ``exclude(path)`` is
-    true are not part of the folder (segment leaves its own outputs out so).
+    ``DataWarning``, or raises ``DataError`` when ``strict``. The masks and overlays of ``segment``
+    (output-named files in a folder holding a SEGMENT_RECORD, in, under or above ``root``) are not
+    photos: they are left out, with one ``DataWarning`` per such folder.
     """
 
     eval_transform = ("short", "bilinear")
     train_transform = ("short_crop", "bilinear")
 
-    def __init__(self, root: str | os.PathLike, strict: bool = False, exclude: Callable[[Path], bool] | None = None):
+    def __init__(self, root: str | os.PathLike, strict: bool = False):
         root = Path(root)
         if root.is_file():
             if not is_image_file(root):
@@ -66,8 +67,12 @@ class ImageFolder(SegDataset):
         if not root.is_dir():
             raise DataError(f"{root}: image folder not found")
         paths, failed = [], 0
+        outputs = _output_roots(root)
+        skipped: dict[Path, int] = {}
         for path in _walk_images(root):
-            if exclude is not None and exclude(path):
+            held = next((r for r in outputs if path.absolute().is_relative_to(r)), None)
+            if held is not None and is_segment_output(path):
+                skipped[held] = skipped.get(held, 0) + 1
                 continue
             try:
                 check_image_header(path)
@@ -78,6 +83,9 @@ class ImageFolder(SegDataset):
                 warnings.warn(f"skipping unreadable image: {exc}", DataWarning, stacklevel=2)
                 continue
             paths.append(path)
+        for folder, count in skipped.items():
+            warnings.warn(f"skipping {count} mask/overlay file(s) in {folder}: a segment output folder, not photos",
+                          DataWarning, stacklevel=2)
         if not paths:
             detail = f"; {failed} file(s) could not be read" if failed else ""
             raise DataError(
@@ -427,6 +435,23 @@ def _load_mat(path: Path, key: str) -> np.ndarray:
         found = ", ".join(k for k in content if not k.startswith("__"))
         raise DataError(f"{path}: key {key!r} missing from .mat file (found: {found or 'none'})")
     return np.asarray(content[key])
+
+
+# Beside segment's masks: which run (and CRF setting) wrote them, so that a later call does not mix runs in
+# one folder, and a folder holding it is known to hold outputs (never read back as inputs).
+SEGMENT_RECORD = ".unsupseg-segment.json"
+
+
+def is_segment_output(path: Path) -> bool:
+    """Named like a mask (<name>.png) or an overlay (<name>_overlay.jpg) that segment writes."""
+    return path.suffix.lower() == ".png" or path.name.endswith("_overlay.jpg")
+
+
+def _output_roots(folder: Path) -> list[Path]:
+    """Folders in, under or above ``folder`` that hold segment outputs (they have a SEGMENT_RECORD)."""
+    roots = [rec.parent.absolute() for rec in folder.rglob(SEGMENT_RECORD)]
+    roots += [parent for parent in folder.absolute().parents if (parent / SEGMENT_RECORD).is_file()]
+    return roots
 
 
 def _walk_images(root: Path) -> list[Path]:

@@ -31,6 +31,7 @@ import shutil
 import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 import zlib
@@ -101,6 +102,9 @@ def _run(
     key, source = resolve(name)
     if only is not None and only not in PARTS:
         raise DataError(f"--only must be one of {', '.join(PARTS)}, got {only!r}")
+    if mirror is not None and urllib.parse.urlsplit(mirror).scheme not in MIRROR_SCHEMES:
+        raise DataError(f"--mirror {mirror!r} is not a URL: give the address of the folder holding the archives, "
+                        f"starting {' or '.join(s + '://' for s in MIRROR_SCHEMES)}")
     if fetch:
         root.mkdir(parents=True, exist_ok=True)
     elif not root.is_dir():
@@ -190,6 +194,9 @@ def _installed_problem(archive: Archive, root: Path) -> str | None:
     except DataError as exc:
         return str(exc)
     return None
+
+
+MIRROR_SCHEMES = ("http", "https", "ftp", "file")   # what urllib opens
 
 
 def _url(archive: Archive, mirror: str | None) -> str:

@@ -27,7 +27,7 @@ import torch
 
 from .._io import atomic_path, torch_load_plain
 from .._progress import make_progress
-from ..errors import RunDirError
+from ..errors import Interrupted, RunDirError
 from .distributed import Dist
 
 
@@ -89,17 +89,8 @@ def _load(path: Path, stage: Stage) -> tuple[int, bool]:
     return int(payload["step"]), bool(payload["done"])
 
 
-def run_stage(stage: Stage, ckpt_dir: str | Path | None, dist: Dist, log: Callable[[str], None] | None = None) -> list[dict]:
-    """Run (or resume, or skip if finished) one stage; returns the per-step logs of this call."""
-    path = _checkpoint_path(Path(ckpt_dir), stage) if ckpt_dir is not None else None
-    start = 0
-    if path is not None and path.exists():
-        start, done = _load(path, stage)
-        if done:
-            return []
-        if log and start:
-            log(f"{stage.name}: resuming from step {start}/{stage.total_steps}")
-    history: list[dict] = []
+def _train(stage: Stage, path: Path | None, dist: Dist, start: int, history: list[dict]) -> int:
+    """The steps from ``start`` to the end, checkpointed; appends each step's logs to ``history``."""
     step = start
     with make_progress() as progress:
         task = progress.add_task(stage.name, total=stage.total_steps, completed=start, info="")
@@ -124,6 +115,30 @@ def run_stage(stage: Stage, ckpt_dir: str | Path | None, dist: Dist, log: Callab
                 raise RuntimeError(f"stage {stage.name}: epoch {epoch} yielded no batch to train on")
             if step % stage.steps_per_epoch and step < stage.total_steps:
                 raise RuntimeError(f"stage {stage.name}: epoch {epoch} yielded fewer than {stage.steps_per_epoch} batches")
+    return step
+
+
+def run_stage(stage: Stage, ckpt_dir: str | Path | None, dist: Dist,
+              log: Callable[[str], None] | None = None) -> list[dict]:
+    """Run (or resume, or skip if finished) one stage; returns the per-step logs of this call."""
+    path = _checkpoint_path(Path(ckpt_dir), stage) if ckpt_dir is not None else None
+    start = 0
+    if path is not None and path.exists():
+        start, done = _load(path, stage)
+        if done:
+            return []
+        if log and start:
+            log(f"{stage.name}: resuming from step {start}/{stage.total_steps}")
+    history: list[dict] = []
+    try:
+        step = _train(stage, path, dist, start, history)
+    except KeyboardInterrupt:
+        if path is None:
+            raise Interrupted("interrupted; this stage keeps no checkpoint, a rerun starts it again") from None
+        finished = start + len(history)  # one log per finished step; checkpoints fall on multiples of checkpoint_every
+        saved = max(start, finished - finished % stage.checkpoint_every)
+        raise Interrupted(f"interrupted; rerun the same command to resume from step {saved}/{stage.total_steps} "
+                          f"of {stage.name}") from None
     if path is not None and dist.is_main:
         _save(path, stage, step, done=True)
     dist.barrier()

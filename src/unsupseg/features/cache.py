@@ -33,7 +33,8 @@ FORMAT_VERSION = 1
 def default_cache_dir() -> Path:
     """``$UNSUPSEG_CACHE_DIR`` or ``~/.cache/unsupseg/features``."""
     env = os.environ.get("UNSUPSEG_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "unsupseg" / "features"
+    # a quoted '~/x' reaches us unexpanded; without expanduser it made a folder named '~' here
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "unsupseg" / "features"
 
 
 def cache_key(fields: dict) -> str:

@@ -40,11 +40,12 @@ def resolve_workers(workers: int | None) -> int:
 
 
 class PreprocessedItems(Dataset):
-    """``dataset[i]`` through ``preprocess``; a decode failure becomes an item carrying the message
-    (raised at once when ``strict``), so the caller decides to skip it or stop."""
+    """``dataset[i]`` through ``preprocess``; a decode failure becomes an item carrying the message, so
+    the caller decides to skip it or stop (raised in a worker, it would reach the user wrapped in the
+    worker's traceback)."""
 
-    def __init__(self, dataset, preprocess, strict: bool = False):
-        self.dataset, self.preprocess, self.strict = dataset, preprocess, strict
+    def __init__(self, dataset, preprocess):
+        self.dataset, self.preprocess = dataset, preprocess
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -53,8 +54,6 @@ class PreprocessedItems(Dataset):
         try:
             sample = self.dataset[i]
         except DataError as err:
-            if self.strict:
-                raise
             return i, self.dataset.ids[i], None, None, str(err)
         image, label = self.preprocess.apply(sample.image, sample.label)
         return i, sample.id, image, label, None
@@ -79,12 +78,13 @@ def _as_is(item):
 
 class ItemLoader:
     """Preprocessed items of ``dataset`` for any sequence of indices, decoded by ``workers`` processes
-    (0: in this process)."""
+    (0: in this process); ``strict``: the first item that cannot be read raises its DataError."""
 
     def __init__(self, dataset, preprocess, *, workers: int | None = None, strict: bool = False,
                  pin_memory: bool = False, prefetch: int = 4):
         self.workers = resolve_workers(workers)
-        self.items = PreprocessedItems(dataset, preprocess, strict)
+        self.items = PreprocessedItems(dataset, preprocess)
+        self.strict = strict
         self._feed = _Feed()
         extra = {"prefetch_factor": prefetch, "persistent_workers": True} if self.workers else {}
         # its own generator: each new iterator draws a worker base seed, which from the global RNG would
@@ -99,6 +99,8 @@ class ItemLoader:
         """Items of ``indices`` in that order (lazily: at most workers x prefetch items ahead)."""
         self._feed.indices = [int(i) for i in indices]
         for item in self._loader:
+            if self.strict and item[4] is not None:
+                raise DataError(item[4])
             yield tuple(item)
 
     def load(self, indices: Sequence[int]) -> list[Item]:
