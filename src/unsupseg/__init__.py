@@ -1,12 +1,12 @@
 """unsupseg: unsupervised semantic segmentation (CAUSE, STEGO, Leopart) on frozen backbones.
 
 The Python verbs mirror the CLI: ``unsupseg.fit(...)``, ``unsupseg.load(run_dir).predict(image)``,
-``unsupseg.evaluate(...)``, ``unsupseg.segment(...)``.
+``unsupseg.evaluate(...)``, ``unsupseg.segment(...)``, ``unsupseg.segment_image(...)``.
 """
 
 __version__ = "0.1.0"
 
-_API = ("fit", "load", "evaluate", "segment", "Segmenter", "resolve_config")
+_API = ("fit", "load", "evaluate", "segment", "segment_image", "Segmenter", "resolve_config")
 
 
 def __getattr__(name):

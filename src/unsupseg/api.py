@@ -44,7 +44,7 @@ from .features.source import open_features
 from .methods import get_method
 from .methods.base import FitContext, LinearProbe, Predictor, PredictorInfo
 
-__all__ = ["Segmenter", "evaluate", "fit", "fit_config", "load", "plan", "resolve_config", "segment"]
+__all__ = ["Segmenter", "evaluate", "fit", "fit_config", "load", "plan", "resolve_config", "segment", "segment_image"]
 
 # A photo's longer side is processed at most this many times the test resolution (see model_input).
 LONG_SIDE_FACTOR = 8
@@ -1096,3 +1096,80 @@ def segment(
         write_outputs(item, image, labels, seg.num_clusters)
         result.append(item.mask)
     return result
+
+
+# ----------------------------------------------------------------------------- segment-image
+
+
+# K searched by ``segment_image(clusters="auto")``: one photo holds a handful of parts, not 40
+IMAGE_CLUSTERS_RANGE = (2, 12)
+
+
+def segment_image(
+    photo: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    clusters: int | str = "auto",
+    backbone: str = "efficientnet_lite0",
+    backbone_weights: str = "auto",
+    resolution: int = 320,
+    crf: bool = True,
+    flip: bool = True,
+    seed: int = 0,
+    report: bool = True,
+    overwrite: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    log: Callable[[str], None] | None = None,
+) -> Segmenter:
+    """Partition one photo from its own features, training-free, into ``out``: the mask and overlay
+    that ``segment`` writes, and ``report.html`` unless ``report`` is False.
+
+    The photo's tokens (flip-averaged, as the Segmenter embeds them) are clustered by cosine k-means
+    into ``clusters`` parts ("auto": estimated from the photo, see ``features.partition``); pixels
+    then take the part of highest cosine score, refined by the dense CRF (``crf``, on by default).
+    Returns the in-memory Segmenter of this one photo (it segments other photos with the same parts).
+    """
+    from .features.partition import partition_tokens
+    from .methods.kmeans import KMeansPredictor
+
+    log = log or (lambda msg: console.print(msg))
+    check_max_pixels(max_pixels)
+    if clusters != AUTO and (isinstance(clusters, bool) or not isinstance(clusters, int) or clusters < 1):
+        raise ConfigError(f"clusters must be a positive number or 'auto', got {clusters!r}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a folder; give a folder for the mask, overlay and report")
+    pil = load_image(photo, max_pixels=max_pixels)
+    config = resolve_config("kmeans", preset="default", overrides=[f"seed={seed}", f"data.resolution={resolution}",
+                            f"test.crf={json.dumps(crf)}", f"test.flip={json.dumps(flip)}"],
+                            **{"backbone.name": backbone, "backbone.weights": backbone_weights,
+                               "data.images": str(Path(photo).absolute()), "clusters": 1})
+    device = init_distributed(config.device).device
+    net = build_backbone(config.backbone.name, config.backbone.weights, device=device, **config.backbone.options)
+    # the Segmenter's own path to the tokens (preprocess, stride padding, flip averaging): the parts are
+    # fitted on exactly the embedding they are scored on
+    probe = Segmenter(config, net, KMeansPredictor(torch.zeros(1, net.dim)), device)
+    image = probe.model_input(pil, str(photo))[None].to(device)
+    s = net.stride
+    batch = F.pad(image, (0, -image.shape[-1] % s, 0, -image.shape[-2] % s), mode="replicate")
+    with torch.no_grad():
+        emb = probe._embed(net(batch))
+        if flip:
+            emb = (emb + probe._embed(net(batch.flip(-1))).flip(-1)) / 2
+    tic = time.perf_counter()
+    try:
+        centroids, count = partition_tokens(emb[0].cpu(), None if clusters == AUTO else clusters,
+                                            torch.Generator().manual_seed(seed), k_range=IMAGE_CLUSTERS_RANGE)
+    except ValueError as err:
+        raise ConfigError(f"{photo}: {err}") from None
+    k = len(centroids)
+    how = f"chosen by modularity in {IMAGE_CLUSTERS_RANGE[0]}..{IMAGE_CLUSTERS_RANGE[1]}" if count else "given"
+    log(f"{photo}: {k} parts ({how}) from {emb.shape[-2]}x{emb.shape[-1]} tokens, {time.perf_counter() - tic:.1f} s")
+    config.clusters = k
+    seg = Segmenter(config, net, KMeansPredictor(centroids), device)
+    segment(seg, [photo], out, crf=crf, overwrite=overwrite, strict=True, max_pixels=max_pixels)
+    if report:
+        from .reporting import build_report
+
+        build_report(seg, out / "report.html", images=photo, log=log)
+    return seg

@@ -405,5 +405,25 @@ def main() -> None:
         raise
 
 
+@app.command("segment-image")
+def segment_image(
+    photo: Path = typer.Argument(..., help="The photo to partition."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for <name>.png, <name>_overlay.jpg and report.html."),
+    clusters: str = typer.Option("auto", help="Number of parts, or 'auto' (estimated from the photo, 2 to 12)."),
+    backbone: str = typer.Option("efficientnet_lite0", help="Frozen backbone whose features are clustered."),
+    resolution: int = typer.Option(320, help="Shorter side of the photo as the backbone sees it, in pixels."),
+    crf: bool = typer.Option(True, "--crf/--no-crf", help="Dense CRF refinement of the parts."),
+    seed: int = typer.Option(0, help="Seed of the k-means (and of the K estimate)."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write report.html beside the mask."),
+    overwrite: bool = typer.Option(False, help="Replace outputs already in --out."),
+) -> None:
+    """Partition one photo from its own features, training-free (k-means on its tokens, then the CRF)."""
+    from .api import segment_image as api_segment_image
+
+    seg = api_segment_image(photo, out_dir, clusters=_clusters(clusters), backbone=backbone, resolution=resolution,
+                            crf=crf, seed=seed, report=report, overwrite=overwrite, log=out.print)
+    out.print(f"wrote {photo.stem}.png and {photo.stem}_overlay.jpg ({seg.num_clusters} parts) to {out_dir}")
+
+
 if __name__ == "__main__":
     main()
