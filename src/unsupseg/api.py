@@ -1116,13 +1116,12 @@ def segment_image(
     crf: bool = True,
     flip: bool = True,
     seed: int = 0,
-    report: bool = True,
     overwrite: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     log: Callable[[str], None] | None = None,
 ) -> Segmenter:
     """Partition one photo from its own features, training-free, into ``out``: the mask and overlay
-    that ``segment`` writes, and ``report.html`` unless ``report`` is False.
+    that ``segment`` writes (``unsupseg.reporting.build_report(seg, ..., images=photo)`` adds the report).
 
     The photo's tokens (flip-averaged, as the Segmenter embeds them) are clustered by cosine k-means
     into ``clusters`` parts ("auto": estimated from the photo, see ``features.partition``); pixels
@@ -1168,8 +1167,4 @@ def segment_image(
     config.clusters = k
     seg = Segmenter(config, net, KMeansPredictor(centroids), device)
     segment(seg, [photo], out, crf=crf, overwrite=overwrite, strict=True, max_pixels=max_pixels)
-    if report:
-        from .reporting import build_report
-
-        build_report(seg, out / "report.html", images=photo, log=log)
     return seg

@@ -421,7 +421,11 @@ def segment_image(
     from .api import segment_image as api_segment_image
 
     seg = api_segment_image(photo, out_dir, clusters=_clusters(clusters), backbone=backbone, resolution=resolution,
-                            crf=crf, seed=seed, report=report, overwrite=overwrite, log=out.print)
+                            crf=crf, seed=seed, overwrite=overwrite, log=out.print)
+    if report:
+        from .reporting import build_report
+
+        build_report(seg, out_dir / "report.html", images=photo, log=out.print)
     out.print(f"wrote {photo.stem}.png and {photo.stem}_overlay.jpg ({seg.num_clusters} parts) to {out_dir}")
 
 
