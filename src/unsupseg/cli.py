@@ -364,7 +364,7 @@ def doctor() -> None:
 def demo(
     out_dir: Path = typer.Option(Path("outputs/demo"), "--out", help="Folder for photos, run, masks and overlays."),
     method: str = typer.Option("cause-mlp", help="Method to fit (its 'demo' preset when it has one)."),
-    clusters: str = typer.Option("5", help="Number of clusters to discover, or 'auto' (on these six photos it "
+    clusters: str = typer.Option("auto", help="Number of clusters to discover, or 'auto' (on these six photos it "
                                  "chooses about 20: see docs/clusters.md)."),
     overwrite: bool = typer.Option(False, help="Fit again even if a finished run is there."),
 ) -> None:
@@ -425,7 +425,7 @@ def segment_image(
     if report:
         from .reporting import build_report
 
-        build_report(seg, out_dir / "report.html", images=photo, log=out.print)
+        build_report(seg, out_dir / "report.html", images=photo, masks=out_dir, log=out.print)
     out.print(f"wrote {photo.stem}.png and {photo.stem}_overlay.jpg ({seg.num_clusters} parts) to {out_dir}")
 
 
