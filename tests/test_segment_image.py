@@ -74,7 +74,8 @@ def test_segment_image_command_writes_mask_overlay_and_report(tmp_path):
     assert re.fullmatch(rf"{re.escape(str(tmp_path / 'textures.png'))}: 3 parts \(given\) from 12x12 tokens, "
                         r"[0-9.]+ s", lines[0])
     # the report shows the mask segment-image wrote, without segmenting the photo again
-    assert lines[1] == f"report of 1 images written to {tmp_path / 'out' / 'report.html'} (1 from the masks in {tmp_path / 'out'})"
+    out = tmp_path / "out"
+    assert lines[1] == f"report of 1 images written to {out / 'report.html'} (1 from the masks in {out})"
     assert lines[2] == f"wrote textures.png and textures_overlay.jpg (3 parts) to {tmp_path / 'out'}"
     mask = np.asarray(Image.open(tmp_path / "out" / "textures.png"))
     assert mask.shape == (192, 192) and set(np.unique(mask)) <= {0, 1, 2}
