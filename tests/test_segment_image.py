@@ -55,7 +55,7 @@ def test_knee_of_the_modularity_curve_by_hand():
 def test_three_textured_regions_are_recovered(tmp_path, one_thread):
     truth = three_textures(tmp_path / "textures.png")
     seg = segment_image(tmp_path / "textures.png", tmp_path / "out", clusters=3, resolution=192,
-                        report=False, log=lambda m: None)
+                        log=lambda m: None)
     assert seg.num_clusters == 3
     mask = np.asarray(Image.open(tmp_path / "out" / "textures.png"))
     assert mask.shape == truth.shape
