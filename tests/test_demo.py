@@ -5,25 +5,36 @@ import pytest
 from PIL import Image
 
 from unsupseg import rundir
-from unsupseg.demo import PHOTOS, run_demo
+from unsupseg.demo import MIN_PARTS, PHOTOS, parts, run_demo
 
 pytest.importorskip("skimage")
 
 
+def test_parts_counts_clusters_covering_a_tenth_by_hand():
+    mask = np.zeros((10, 10), dtype=np.uint8)
+    mask[:, :1] = 1                                  # 10 %: a part
+    mask[0, 1:10] = 2                                # 9 %: not a part
+    assert parts(mask, 3) == 2
+    assert parts(np.zeros((4, 4), dtype=np.uint8), 5) == 1
+
+
 @pytest.mark.slow
-def test_demo_fits_cause_and_writes_masks_overlays_and_report(tmp_path):
-    table = run_demo(tmp_path, "cause-mlp", 5, overwrite=False, log=lambda m: None)
+def test_demo_fits_cause_and_splits_every_photo_into_parts(tmp_path):
+    table = run_demo(tmp_path, "cause-mlp", "auto", overwrite=False, log=lambda m: None)
     run = rundir.load(tmp_path / "run-cause-mlp")
     assert run.config.method == "cause-mlp" and run.config.backbone.name == "efficientnet_lite0"
     assert run.config.params["cluster_loss"] == "cosine"          # the demo preset, not the paper default
-    assert run.state["cluster_probe"].shape == (5, 90)
+    k = run.config.clusters
+    assert run.state["cluster_probe"].shape == (k, 90)
     used = set()
     for name in PHOTOS:
         stem = name.rsplit(".", 1)[0]
         photo = Image.open(tmp_path / "images" / name)
         mask = np.asarray(Image.open(tmp_path / "masks" / f"{stem}.png"))
-        assert mask.shape == (photo.height, photo.width) and mask.max() < 5
+        assert mask.shape == (photo.height, photo.width) and mask.max() < k
         assert Image.open(tmp_path / "masks" / f"{stem}_overlay.jpg").size == photo.size
+        # the photo is split into its parts, not painted in one colour
+        assert parts(mask, k) >= MIN_PARTS, name
         used |= set(np.unique(mask).tolist())
     assert len(used) >= 3                                            # it discovers several categories
     html = (tmp_path / "report.html").read_text()

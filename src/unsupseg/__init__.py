@@ -1,12 +1,13 @@
 """unsupseg: unsupervised semantic segmentation (CAUSE, STEGO, Leopart) on frozen backbones.
 
 The Python verbs mirror the CLI: ``unsupseg.fit(...)``, ``unsupseg.load(run).predict(image)``,
-``unsupseg.evaluate(...)``, ``unsupseg.segment(...)``, ``unsupseg.label(...)``, ``unsupseg.export(...)``.
+``unsupseg.evaluate(...)``, ``unsupseg.segment(...)``, ``unsupseg.segment_image(...)``, ``unsupseg.label(...)``,
+``unsupseg.export(...)``.
 """
 
 __version__ = "0.1.0"
 
-_API = ("fit", "load", "evaluate", "segment", "label", "export", "Segmenter", "resolve_config")
+_API = ("fit", "load", "evaluate", "segment", "segment_image", "label", "export", "Segmenter", "resolve_config")
 
 
 def __getattr__(name):

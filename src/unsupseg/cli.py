@@ -403,7 +403,7 @@ def doctor() -> None:
 def demo(
     out_dir: Path = typer.Option(Path("outputs/demo"), "--out", help="Folder for photos, run, masks and overlays."),
     method: str = typer.Option("cause-mlp", help="Method to fit (its 'demo' preset when it has one)."),
-    clusters: str = typer.Option("5", help="Number of clusters to discover, or 'auto' (on these six photos it "
+    clusters: str = typer.Option("auto", help="Number of clusters to discover, or 'auto' (on these six photos it "
                                  "chooses about 20: see docs/clusters.md)."),
     overwrite: bool = typer.Option(False, help="Fit again even if a finished run is there."),
 ) -> None:
@@ -556,6 +556,31 @@ def print_fit_record(report: dict) -> None:
     """One line per fact the method recorded about the run's fit (e.g. Leopart's community detection)."""
     for name, value in report.get("fit_record", {}).items():
         out.print(f"{name.replace('_', ' ')}: {value}", highlight=False)
+
+
+@app.command("segment-image")
+def segment_image(
+    photo: Path = typer.Argument(..., help="The photo to partition."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for <name>.png, <name>_overlay.jpg and report.html."),
+    clusters: str = typer.Option("auto", help="Number of parts, or 'auto' (estimated from the photo, 2 to 12)."),
+    backbone: str = typer.Option("efficientnet_lite0", help="Frozen backbone whose features are clustered."),
+    backbone_weights: str = typer.Option("auto", help="Weights file, 'auto' (local/cache/download) or 'random'."),
+    resolution: int = typer.Option(320, help="Shorter side of the photo as the backbone sees it, in pixels."),
+    crf: bool = typer.Option(True, "--crf/--no-crf", help="Dense CRF refinement of the parts."),
+    seed: int = typer.Option(0, help="Seed of the k-means (and of the K estimate)."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write report.html beside the mask."),
+    overwrite: bool = typer.Option(False, help="Replace outputs already in --out."),
+) -> None:
+    """Partition one photo from its own features, training-free (k-means on its tokens, then the CRF)."""
+    from .api import segment_image as api_segment_image
+
+    seg = api_segment_image(photo, out_dir, clusters=_clusters(clusters), backbone=backbone,
+                            backbone_weights=backbone_weights, resolution=resolution, crf=crf, seed=seed, overwrite=overwrite, log=out.print)
+    if report:
+        from .reporting import build_report
+
+        build_report(seg, out_dir / "report.html", images=photo, masks=out_dir, log=out.print)
+    out.print(f"wrote {photo.stem}.png and {photo.stem}_overlay.jpg ({seg.num_clusters} parts) to {out_dir}")
 
 
 if __name__ == "__main__":

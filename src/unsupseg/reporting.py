@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import __version__, rundir
 from ._io import atomic_write_text, check_writable_file
 from ._progress import console, track
-from .api import Segmenter, build_train_dataset, evaluate, load, run_labels
+from .api import SEGMENT_RECORD, Segmenter, _run_identity, build_train_dataset, evaluate, load, run_labels
 from .data import ImageFolder, build_dataset
 from .errors import ConfigError, DataError
 from .evaluation.report import ClusterGallery, ReportData, ReportImage, adjacency, render_report, top_neighbours
@@ -48,6 +49,7 @@ def build_report(
     matching: str | list[str] | None = None,
     patches_per_cluster: int = 8,
     patch_size: int = 64,
+    masks: str | os.PathLike | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Path:
     """Write a self-contained HTML report of a run to ``out`` (atomically) and return its path.
@@ -57,6 +59,10 @@ def build_report(
     as overlays and feed the cluster gallery. When the dataset is a labelled benchmark, the metrics
     section comes from ``unsupseg.evaluate`` over the whole split (which also records them in the
     run's meta.json, as ``unsupseg evaluate`` does).
+
+    ``masks``: a folder where ``segment`` wrote this run's masks of these images with the same CRF
+    setting (its record says so); unlabelled images whose mask is there are shown from it instead of
+    being segmented again, and their gallery patches are the points deepest inside each part.
     """
     log = log or (lambda msg: console.print(msg))
     if max_images < 1:
@@ -78,8 +84,10 @@ def build_report(
     else:
         prep = seg.preprocess()   # as segment/predict see a photo
 
+    reuse = _recorded_masks(seg, masks, config.test.crf if crf is None else crf) if metrics is None else None
     gallery = ClusterGallery(seg.num_clusters, per_cluster=patches_per_cluster, patch_size=patch_size)
-    shown = _segment_shown(seg, data, prep, gallery, max_images, crf, labelled=metrics is not None)
+    shown, reused = _segment_shown(seg, data, prep, gallery, max_images, crf, labelled=metrics is not None,
+                                   reuse=reuse)
     if not shown:
         raise DataError(f"no image of {source} could be read for the report")
 
@@ -111,7 +119,8 @@ def build_report(
     )
     out = Path(out)
     atomic_write_text(out, render_report(report))
-    log(f"report of {len(shown)} images written to {out}")
+    reused_note = f" ({reused} from the masks in {reuse})" if reused else ""
+    log(f"report of {len(shown)} images written to {out}{reused_note}")
     return out
 
 
@@ -139,10 +148,12 @@ def _report_images(config, images, dataset, root, split):
 
 
 def _segment_shown(seg: Segmenter, data, prep, gallery: ClusterGallery, max_images: int, crf: bool | None,
-                   labelled: bool) -> list[ReportImage]:
-    """At most ``max_images`` images spread over ``data``, segmented; unreadable ones skipped with a
-    warning (an error under data.strict). Each feeds the cluster gallery."""
+                   labelled: bool, reuse: Path | None) -> tuple[list[ReportImage], int]:
+    """At most ``max_images`` images spread over ``data``, segmented, or read from the masks in
+    ``reuse`` where there is one; unreadable ones skipped with a warning (an error under data.strict).
+    Each feeds the cluster gallery. Returns them and how many came from ``reuse``."""
     shown: list[ReportImage] = []
+    reused = 0
     chosen = _spread(len(data), max_images)
     for i in track(chosen, len(chosen), "report: segmenting"):
         try:
@@ -153,11 +164,18 @@ def _segment_shown(seg: Segmenter, data, prep, gallery: ClusterGallery, max_imag
             warnings.warn(f"skipping unreadable image: {err}", stacklevel=3)
             continue
         tensor, label = prep.apply(sample.image, sample.label if labelled else None)
-        pred = seg.predict_tensor(tensor, crf=crf)
         pixels = (tensor * 255).round().byte().permute(1, 2, 0).numpy()
-        gallery.add(pixels, pred.probabilities.numpy())
-        shown.append(ReportImage(sample.id, pixels, pred.labels, None if label is None else label.numpy()))
-    return shown
+        mask = reuse / f"{sample.id}.png" if reuse is not None else None
+        if mask is not None and mask.is_file():
+            labels = np.asarray(Image.open(mask).resize(pixels.shape[1::-1], Image.NEAREST)).astype(np.int64)
+            gallery.add(pixels, _depth(labels, seg.num_clusters))
+            reused += 1
+        else:
+            pred = seg.predict_tensor(tensor, crf=crf)
+            labels = pred.labels
+            gallery.add(pixels, pred.probabilities.numpy())
+        shown.append(ReportImage(sample.id, pixels, labels, None if label is None else label.numpy()))
+    return shown, reused
 
 
 def _naming_aids(seg: Segmenter, shown: list[ReportImage]) -> dict:
@@ -177,6 +195,35 @@ def _naming_aids(seg: Segmenter, shown: list[ReportImage]) -> dict:
         similar = top_neighbours((unit @ unit.T).numpy())
     return {"names": names, "order": [c for group in labels.groups for c in group],
             "adjacent": top_neighbours(border, share=True), "similar": similar}
+
+
+def _recorded_masks(seg: Segmenter, folder: str | os.PathLike | None, crf: bool) -> Path | None:
+    """``folder`` when ``segment`` recorded there the masks of this very model and CRF setting."""
+    if folder is None or not (Path(folder) / SEGMENT_RECORD).is_file():
+        return None
+    try:
+        theirs = json.loads((Path(folder) / SEGMENT_RECORD).read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return None
+    mine = _run_identity(seg, crf)
+    same = (theirs.get("model_sha256"), theirs.get("crf")) == (mine["model_sha256"], mine["crf"])
+    # masks of merged classes (labels.yaml) hold class ids, not the clusters the report shows
+    clusters = theirs.get("classes") == mine["classes"] and len(mine["classes"]) == seg.num_clusters
+    return Path(folder) if same and clusters else None
+
+
+def _depth(labels: np.ndarray, num_clusters: int) -> np.ndarray:
+    """C x H x W gallery scores of a mask: for each pixel of part c, d / (1 + d) with d its distance
+    (pixels) to the nearest pixel of another part; 0 elsewhere. The gallery's peaks then sit deepest
+    inside each part, where a segmenter's own probabilities peak too."""
+    from scipy.ndimage import distance_transform_edt
+
+    scores = np.zeros((num_clusters, *labels.shape), dtype=np.float32)
+    for c in np.unique(labels):
+        inside = labels == c
+        d = distance_transform_edt(inside) if not inside.all() else np.full(labels.shape, float(max(labels.shape)))
+        scores[c] = np.where(inside, d / (1 + d), 0)
+    return scores
 
 
 def _read_meta(path: Path | None) -> dict:

