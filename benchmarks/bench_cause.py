@@ -115,9 +115,11 @@ def main() -> None:
     side -= side % backbone.stride
     count = args.images or 2 * params.batch_size
     images = torch.rand(count, 3, side, side, generator=torch.Generator().manual_seed(0))
-    print(f"CAUSE-{args.variant.upper()} preset {args.preset}: backbone {backbone.name} ({args.weights}), {count} images "
-          f"{side}x{side}, batch {params.batch_size}, K {params.concepts}, P {params.projection_dim}, "
-          f"bank {params.bank_size}, device {device}, threads {torch.get_num_threads()}")
+    print(
+        f"CAUSE-{args.variant.upper()} preset {args.preset}: backbone {backbone.name} ({args.weights}), {count} images "
+        f"{side}x{side}, batch {params.batch_size}, K {params.concepts}, P {params.projection_dim}, "
+        f"bank {params.bank_size}, device {device}, threads {torch.get_num_threads()}"
+    )
     dist = Dist(device=device)
     with tempfile.TemporaryDirectory() as tmp:
         sources = {"cache": cached_source(backbone, images, device, Path(tmp))}
@@ -128,9 +130,14 @@ def main() -> None:
             stage, mediator = mediator_stage(source, params, dist, 0, device)
             rate, memory = measure(stage, args.steps, device)
             print(f"step 1 clusterbook  [{name:8s}] {rate:8.1f} img/s  {memory}")
-            stage, front = front_door_stage(source, mediator.codebook.detach(), args.variant, None, params, dist, 0, device)
+            stage, front = front_door_stage(
+                source, mediator.codebook.detach(), args.variant, None, params, dist, 0, device
+            )
             rate, memory = measure(stage, args.steps, device)
-            print(f"step 2 front door   [{name:8s}] {rate:8.1f} img/s  {memory}  (bank {int(front.bank.length.sum())} entries)")
+            print(
+                f"step 2 front door   [{name:8s}] {rate:8.1f} img/s  {memory}  (bank {int(front.bank.length.sum())} "
+                f"entries)"
+            )
             stage, _ = cluster_stage(source, front.head_teacher, None, config.clusters, params, dist, 0, device)
             rate, memory = measure(stage, args.steps, device)
             print(f"step 3 cluster      [{name:8s}] {rate:8.1f} img/s  {memory}")

@@ -54,7 +54,9 @@ def bench_finetune(device: str, batch: int, steps: int, workers: int, amp: bool)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     step_rate = batch * steps / (time.perf_counter() - tic)
-    memory = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.startswith("cuda") else ""
+    memory = (
+        f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.startswith("cuda") else ""
+    )
     print(f"finetune dino_vits16 on {device} (batch {batch}, {steps} steps, threads {torch.get_num_threads()}"
           f"{', bf16' if amp else ''}): step {step_rate:.2f} img/s, data {data_rate:.1f} img/s "
           f"({workers} loader threads){memory}, last loss {logs['loss']:.3f}")

@@ -160,7 +160,9 @@ def main() -> None:
         print(f"RSS sampled during segment: max {max(during):.0f} MiB, min {min(during):.0f} MiB "
               f"over {len(during)} samples")
         # ru_maxrss is in KiB on Linux
-        print(f"peak RSS of the process (getrusage): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+        print(
+            f"peak RSS of the process (getrusage): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,11 @@ def random_store(folder: Path, n: int, dim: int, h: int, w: int, stride: int):
 
     def items():
         for i in range(n):
-            yield f"img{i}", torch.rand(dim, h, w, generator=gen), torch.randint(-1, 11, (h * stride, w * stride), generator=gen)
+            yield (
+                f"img{i}",
+                torch.rand(dim, h, w, generator=gen),
+                torch.randint(-1, 11, (h * stride, w * stride), generator=gen),
+            )
 
     return open_or_build(folder, {"bench": "stego", "n": n, "dim": dim, "h": h, "w": w}, items)
 
@@ -48,9 +52,13 @@ def bench_training(args) -> None:
         backbone = build_backbone("efficientnet_lite0", weights="random")   # only its stride is used
         params = stego.Params(dim=args.code_dim, batch_size=args.batch, crop=args.crop, linear_probe=not args.no_linear)
         config = RunConfig(method="stego", clusters=11, params=to_dict(params))
-        ctx = FitContext(config, params, backbone, lambda **_: store, None, 11, Dist(device=device), None, lambda _: None)
+        ctx = FitContext(
+            config, params, backbone, lambda **_: store, None, 11, Dist(device=device), None, lambda _: None
+        )
         stage, _ = stego.build_training(ctx, store, knn_indices(pooled_descriptors(store), 30))
-        batches = [b for epoch in range(args.warmup + args.steps) for b in stage.batches(epoch)][: args.warmup + args.steps]
+        batches = [b for epoch in range(args.warmup + args.steps) for b in stage.batches(epoch)][
+            : args.warmup + args.steps
+        ]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         step_times = []
@@ -66,12 +74,18 @@ def bench_training(args) -> None:
         wall = sum(t for t, _ in timed)
         cpu = sum(c for _, c in timed)
         side = f"{args.crop}x{args.crop} crops of " if args.crop else ""
-        print(f"training on {device}: batch {args.batch} ({side}{args.dim} x {args.height} x {args.width} maps + kNN partners), "
-              f"d = {args.code_dim}, linear probe {'off' if args.no_linear else 'on'}, torch threads {torch.get_num_threads()}")
+        print(
+            f"training on {device}: batch {args.batch} ({side}{args.dim} x {args.height} x {args.width} maps + kNN "
+            f"partners), "
+            f"d = {args.code_dim}, linear probe {'off' if args.no_linear else 'on'}, torch threads "
+            f"{torch.get_num_threads()}"
+        )
         print(f"  {len(timed) * args.batch / wall:.1f} img/s, {wall / len(timed):.3f} s/step wall, "
               f"{cpu / len(timed):.3f} CPU s/step (process)")
-        print(f"  peak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB max RSS"
-              + (f", {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB CUDA allocated" if device.type == "cuda" else ""))
+        print(
+            f"  peak memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB max RSS"
+            + (f", {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB CUDA allocated" if device.type == "cuda" else "")
+        )
 
 
 def bench_knn(sizes: list[int], dim: int, chunk: int) -> None:

@@ -124,8 +124,12 @@ def check_backbone(s: Sizes, device, memory, report) -> None:
             seconds = timed(lambda: [net(images) for _ in range(s.backbone_batches)], device)
         rate = s.batch * s.backbone_batches / seconds
         note = memory.stop(f"backbone {precision}")
-        report(f"backbone_{precision}", rate,
-               f"1. backbone only, {s.backbone} {s.side}x{s.side}, batch {s.batch}, {precision}: {rate:9.1f} images/s{note}")
+        report(
+            f"backbone_{precision}",
+            rate,
+            f"1. backbone only, {s.backbone} {s.side}x{s.side}, batch {s.batch}, {precision}: {rate:9.1f} "
+            f"images/s{note}",
+        )
 
 
 def check_extraction(s: Sizes, device, memory, report, photos: Path, work: Path) -> None:
@@ -145,8 +149,12 @@ def check_extraction(s: Sizes, device, memory, report, photos: Path, work: Path)
                                              description="gpu check: extraction", **options), device)
     rate = len(data) / seconds
     note = memory.stop("extraction")
-    report("extraction", rate, f"2. feature extraction, {len(data)} JPEG {s.photo[0]}x{s.photo[1]} -> {s.side} px crops, "
-                               f"{pipeline}, cache written: {rate:9.1f} images/s{note}")
+    report(
+        "extraction",
+        rate,
+        f"2. feature extraction, {len(data)} JPEG {s.photo[0]}x{s.photo[1]} -> {s.side} px crops, "
+        f"{pipeline}, cache written: {rate:9.1f} images/s{note}",
+    )
 
 
 def check_segment(s: Sizes, device, memory, report, photos: Path, work: Path) -> None:
@@ -171,9 +179,13 @@ def check_segment(s: Sizes, device, memory, report, photos: Path, work: Path) ->
     rate = s.photos / seconds
     note = memory.stop("segment")
     single = s.single / timed(lambda: unsupseg.segment(seg, [subset], work / "masks-1", batch_size=1), device)
-    report("segment", rate, f"3. segment (k-means K=27, {s.backbone}, {seg.resolution} px, flip {'on' if seg.config.test.flip else 'off'}, "
-                            f"{seg.precision}), {s.photos} photos {s.photo[0]}x{s.photo[1]}, mask + overlay written: "
-                            f"{rate:9.1f} images/s with batch {s.batch}{note}; {single:.1f} images/s one at a time")
+    report(
+        "segment",
+        rate,
+        f"3. segment (k-means K=27, {s.backbone}, {seg.resolution} px, flip {'on' if seg.config.test.flip else 'off'}, "
+        f"{seg.precision}), {s.photos} photos {s.photo[0]}x{s.photo[1]}, mask + overlay written: "
+        f"{rate:9.1f} images/s with batch {s.batch}{note}; {single:.1f} images/s one at a time",
+    )
     report("segment_single", single, None)
 
 
@@ -216,7 +228,7 @@ def check_cause(s: Sizes, device, memory, report) -> None:
         bank.length.fill_(params.bank_size)
         batches = stage.batches(0)
 
-        def steps(count, first=0):
+        def steps(count, first=0, stage=stage, batches=batches, dist=dist):
             for i in range(first, first + count):
                 with dist.autocast():   # as run_stage runs each step
                     stage.step(i, batches[i % len(batches)])
@@ -227,10 +239,14 @@ def check_cause(s: Sizes, device, memory, report) -> None:
         rate = s.cause_steps * params.batch_size / seconds
         note = memory.stop(f"cause {precision}")
         bank_gb = bank.values.numel() * bank.values.element_size() / 2**30
-        report(f"cause_step2_{precision}", rate,
-               f"4. CAUSE-TR step 2, cocostuff27 preset{' (quick: reduced K, P, bank)' if s.cause_overrides else ''}: "
-               f"{grid}x{grid} tokens x {dim}, batch {params.batch_size}, K {params.concepts}, P {params.projection_dim}, "
-               f"full bank {params.concepts} x {params.bank_size} ({bank_gb:.2f} GiB), {precision}: {rate:9.1f} images/s{note}")
+        report(
+            f"cause_step2_{precision}",
+            rate,
+            f"4. CAUSE-TR step 2, cocostuff27 preset{' (quick: reduced K, P, bank)' if s.cause_overrides else ''}: "
+            f"{grid}x{grid} tokens x {dim}, batch {params.batch_size}, K {params.concepts}, P {params.projection_dim}, "
+            f"full bank {params.concepts} x {params.bank_size} ({bank_gb:.2f} GiB), {precision}: {rate:9.1f} "
+            f"images/s{note}",
+        )
         del stage, front, bank
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -251,7 +267,11 @@ def check_crf(s: Sizes, device, memory, report) -> None:
         seconds = timed(lambda: refine_batch(images[: s.crf_gpu].to(device), logp[: s.crf_gpu].to(device)), device)
         gpu = s.crf_gpu / seconds
         note = memory.stop("crf")
-        report("crf_gpu", gpu, f"5. dense CRF, {w}x{h}, 27 classes, 10 iterations, GPU (batch {s.crf_gpu}): {gpu:9.1f} images/s{note}")
+        report(
+            "crf_gpu",
+            gpu,
+            f"5. dense CRF, {w}x{h}, 27 classes, 10 iterations, GPU (batch {s.crf_gpu}): {gpu:9.1f} images/s{note}",
+        )
     else:
         report("crf_gpu", None, "5. dense CRF on the GPU: no GPU here")
     cpu_dev = torch.device("cpu")

@@ -38,7 +38,7 @@ def main() -> None:
     chosen = sorted({int(round(i)) for i in np.linspace(0, len(data) - 1, args.frames)})
     run = unsupseg.load(args.run)
     totals = {"segment-image": PerImageHungarian(data.num_classes), "run": PerImageHungarian(data.num_classes)}
-    print(f"| frame | segment-image K | segment-image mIoU | run mIoU | segment-image s |")
+    print("| frame | segment-image K | segment-image mIoU | run mIoU | segment-image s |")
     print("|---|---|---|---|---|")
     for i in chosen:
         sample = data[i]

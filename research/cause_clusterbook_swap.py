@@ -1,7 +1,7 @@
 """Does a CAUSE fit's outcome come from its Step 1 clusterbook or from Steps 2-3? Re-runs Steps 2-3 of
 a finished run (its config and seed) on the clusterbook of another run, then scores a labelled split.
 
-    python research/cause_clusterbook_swap.py RUN --clusterbook-from OTHER_RUN --dataset camvid --root ../shared/data/camvid
+    python research/cause_clusterbook_swap.py RUN --clusterbook-from OTHER_RUN --dataset camvid --root DATA/camvid
     python research/cause_clusterbook_swap.py RUN --clusterbook-from RUN ...   # control: reproduces RUN's fit
 
 Step 1 is not re-run (its clusterbook is read from OTHER_RUN's weights); Steps 2 and 3 run exactly as in
@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from cause_runs import load_cause_run
+
 from unsupseg import api, rundir
 from unsupseg.engine import run_stage
 from unsupseg.methods.cause import trainer
@@ -52,15 +52,18 @@ def main() -> None:
         stage, front = trainer.front_door_stage(source, codebook, trainer.VARIANTS[config.method], None, params, dist,
                                                 config.seed, "cpu")
         run_stage(stage, Path(checkpoints), dist, lambda msg: None)
-        stage, cluster = trainer.cluster_stage(source, front.head_teacher, front.student.linear, config.clusters, params,
-                                               dist, config.seed, "cpu")
+        stage, cluster = trainer.cluster_stage(
+            source, front.head_teacher, front.student.linear, config.clusters, params, dist, config.seed, "cpu"
+        )
         run_stage(stage, Path(checkpoints), dist, lambda msg: None)
     seconds = time.perf_counter() - tic
     seg = api.load(args.run)
     seg.path = None   # evaluate records metrics in a run's meta.json: these are not the run's
     seg.predictor.head = front.head_teacher.eval()
     seg.predictor.centroids.copy_(cluster.centroids.detach())
-    result = api.evaluate(seg, dataset=args.dataset, root=args.root, split=args.split, matching=["dataset", "per-image"])
+    result = api.evaluate(
+        seg, dataset=args.dataset, root=args.root, split=args.split, matching=["dataset", "per-image"]
+    )
     classes = ", ".join(f"{name} {iou:.0f}" for name, iou in result["per_class_iou"].items())
     print(f"{args.run.name} (seed {config.seed}) on the clusterbook of {args.clusterbook_from.name}: "
           f"{result['pixel_accuracy']:.1f} / {result['miou']:.1f}, per-image mIoU "

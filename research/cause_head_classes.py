@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from cause_runs import load_cause_run
+
 from unsupseg import api
 
 
@@ -72,7 +72,9 @@ def main() -> None:
             member = y == c
             f1 = max(2 * (member & (own == k)).sum().item() / (member.sum().item() + (own == k).sum().item())
                      for k in own.unique().tolist())
-            print(f"  {names[c]:>14}: separable {(nearest[member] == c).float().mean().item():.2f}, cluster F1 {f1:.2f}")
+            print(
+                f"  {names[c]:>14}: separable {(nearest[member] == c).float().mean().item():.2f}, cluster F1 {f1:.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from cause_runs import load_cause_run, params_changes
+
 from unsupseg import api
 from unsupseg.engine import run_stage
 from unsupseg.methods.cause import trainer
@@ -50,7 +51,9 @@ def main() -> None:
             run_stage(stage, Path(checkpoints), dist, lambda msg: None)
         seconds = time.perf_counter() - tic
         seg.predictor.centroids.copy_(cluster.centroids.detach())
-        result = api.evaluate(seg, dataset=args.dataset, root=args.root, split=args.split, matching=["dataset", "per-image"])
+        result = api.evaluate(
+            seg, dataset=args.dataset, root=args.root, split=args.split, matching=["dataset", "per-image"]
+        )
         changed = "".join(f" {k}={v}" for k, v in changes.items())
         print(f"{args.run.name} step 3 seed {seed}{changed}: {result['pixel_accuracy']:.1f} / {result['miou']:.1f}, "
               f"per-image mIoU {result['protocols']['per-image']['miou']:.1f} (step 3: {seconds:.0f} s)", flush=True)

@@ -15,8 +15,8 @@ import math
 from pathlib import Path
 
 import torch
-
 from cause_runs import load_cause_run
+
 from unsupseg.methods.cause.heads import TRHead
 from unsupseg.methods.cause.predictor import head_from_state
 from unsupseg.methods.cause.trainer import to_tokens, windowed
@@ -37,7 +37,9 @@ def attention_entropy(head: TRHead, tokens: torch.Tensor) -> dict[str, float]:
     found = {}
     hooks = []
     for name, module in (("self", head.tr.self_attn), ("cross", head.tr.multihead_attn)):
-        hooks.append(module.register_forward_pre_hook(lambda m, a, kw: (a, {**kw, "need_weights": True}), with_kwargs=True))
+        hooks.append(
+            module.register_forward_pre_hook(lambda m, a, kw: (a, {**kw, "need_weights": True}), with_kwargs=True)
+        )
         hooks.append(module.register_forward_hook(lambda m, a, out, name=name: found.__setitem__(name, out[1])))
     with torch.no_grad():
         head(tokens)

@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REFERENCE_DIR = Path(os.environ.get("UNSUPSEG_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference"))
+REFERENCE_DIR = Path(
+    os.environ.get("UNSUPSEG_REFERENCE_DIR", Path(__file__).resolve().parents[2] / "shared" / "reference")
+)
 
 
 def load(name: str) -> dict[str, np.ndarray]:

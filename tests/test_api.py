@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 import unsupseg
+from tests.conftest import write_images
 from unsupseg import rundir
 from unsupseg.errors import RunDirError
-from tests.conftest import write_images
 
 OVERRIDES = ["data.resolution=48", "params.restarts=1"]
 

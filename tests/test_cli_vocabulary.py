@@ -45,7 +45,10 @@ def test_evaluate_refuses_what_overclustering_would_ignore(tmp_path):
     _refused(_run(*common, "--overcluster", "10", "--matching", "all", "--no-crf", "--probe", "linear", cwd=tmp_path),
              "--overcluster scores the backbone features alone: --matching, --probe, --crf/--no-crf would be ignored; "
              "leave them out")
-    _refused(_run(*common, "--seeds", "0,1", cwd=tmp_path), "--seeds goes with --overcluster (its k-means seeds); leave it out")
+    _refused(
+        _run(*common, "--seeds", "0,1", cwd=tmp_path),
+        "--seeds goes with --overcluster (its k-means seeds); leave it out",
+    )
     _refused(_run(*common, "--overcluster", "10", "--seeds", "5x", cwd=tmp_path),
              "--seeds takes comma-separated integer seeds, e.g. 0,1,2; got '5x'")
 

@@ -6,10 +6,10 @@ import pytest
 import yaml
 
 import unsupseg
+from tests.conftest import write_images
 from unsupseg.api import resolve_config
 from unsupseg.cli import _clusters
 from unsupseg.errors import ConfigError
-from tests.conftest import write_images
 
 
 def test_fit_with_auto_clusters_records_k_and_curve(tmp_path):

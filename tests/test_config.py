@@ -1,7 +1,7 @@
 import pytest
 
-from unsupseg.config import RunConfig, apply_overrides, from_dict, to_dict
 from unsupseg.api import resolve_config
+from unsupseg.config import RunConfig, apply_overrides, from_dict, to_dict
 from unsupseg.errors import ConfigError
 
 
@@ -18,7 +18,9 @@ def test_wrong_types_are_rejected_with_the_key():
 
 
 def test_overrides_parse_yaml_values_and_round_trip():
-    data = apply_overrides({"data": {"split": "train"}}, ["data.resolution=224", "test.crf=true", "backbone.name=dino_vits8"])
+    data = apply_overrides(
+        {"data": {"split": "train"}}, ["data.resolution=224", "test.crf=true", "backbone.name=dino_vits8"]
+    )
     config = from_dict(RunConfig, data)
     assert config.data.resolution == 224 and config.test.crf is True and config.backbone.name == "dino_vits8"
     assert from_dict(RunConfig, to_dict(config)) == config

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 import unsupseg
+from tests.conftest import write_images
 from unsupseg import labels as labels_file
 from unsupseg.errors import ConfigError
-from tests.conftest import write_images
 
 UNSUPSEG = Path(sys.executable).parent / "unsupseg"
 DM_PYTHON = Path(os.environ.get("UNSUPSEG_DATUMARO_PYTHON", "/tmp/dm-venv/bin/python"))

@@ -105,6 +105,10 @@ def test_no_import_cycle():
 def test_scoring_and_refinement_know_no_method(layer):
     # metrics score label maps and the CRF refines probabilities, whoever made them
     offenders = sorted(
-        f"{m} -> {t}" for m, ts in GRAPH.items() if _layer(m) == layer for t in ts if _layer(t) in ("methods", "importers")
+        f"{m} -> {t}"
+        for m, ts in GRAPH.items()
+        if _layer(m) == layer
+        for t in ts
+        if _layer(t) in ("methods", "importers")
     )
     assert not offenders

@@ -15,7 +15,10 @@ from unsupseg.errors import ConfigError
 def test_cause_probe_scores_the_head_output(variant):
     state, head = state_of(variant)
     generator = torch.Generator().manual_seed(3)
-    state["linear.weight"], state["linear.bias"] = torch.randn(6, 5, generator=generator), torch.randn(6, generator=generator)
+    state["linear.weight"], state["linear.bias"] = (
+        torch.randn(6, 5, generator=generator),
+        torch.randn(6, generator=generator),
+    )
     seg = segmenter(state)
     probe = linear_probe_segmenter(seg, state)
     assert probe.num_clusters == 6 and probe.config.test.alpha == 1.0 and seg.config.clusters == 4

@@ -72,8 +72,9 @@ def test_paper_preset_departs_from_the_label_free_one_in_the_listed_keys_only(me
     assert (free["params"].pop("reference_clip"), paper["params"].pop("reference_clip")) == (False, True)
     assert paper == free
     # and the preset states exactly those departures on top of the label-free one
-    own = yaml.safe_load((Path(__file__).resolve().parents[1] / "src/unsupseg/presets" / method / f"{dataset}-paper.yaml")
-                         .read_text())
+    own = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "src/unsupseg/presets" / method / f"{dataset}-paper.yaml").read_text()
+    )
     assert own == {"base": f"{method}/{dataset}", "params": {"reference_step3": True, "reference_clip": True}}
     assert load_preset(method, f"{dataset}-paper")["data"]["crop"] == CROPS[dataset]
 

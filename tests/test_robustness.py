@@ -6,15 +6,15 @@ import sys
 import warnings
 
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 
 import unsupseg
 import unsupseg.rundir
+from tests.conftest import write_images
 from unsupseg.data import DataWarning
 from unsupseg.errors import DataError
-from tests.conftest import write_images
 
 
 def _until_paused(args: list[str], env: dict) -> subprocess.Popen:
@@ -43,8 +43,15 @@ def run_dir(tmp_path_factory):
     write_images(tmp / "imgs", 3)
     # its own feature cache: a module fixture runs before the per-test cache fixture, and copies of
     # this file running at once must not share (or race on) the user's cache
-    unsupseg.fit("kmeans", images=tmp / "imgs", out=tmp / "run", clusters=3, backbone="efficientnet_lite0",
-                 overrides=["data.resolution=48", "params.restarts=1", f"cache_dir={tmp / 'cache'}"], log=lambda m: None)
+    unsupseg.fit(
+        "kmeans",
+        images=tmp / "imgs",
+        out=tmp / "run",
+        clusters=3,
+        backbone="efficientnet_lite0",
+        overrides=["data.resolution=48", "params.restarts=1", f"cache_dir={tmp / 'cache'}"],
+        log=lambda m: None,
+    )
     return tmp / "run"
 
 
@@ -118,8 +125,12 @@ unsupseg.segment(sys.argv[1], [sys.argv[2]], sys.argv[3])
 def test_interrupted_segment_leaves_no_half_written_file(run_dir, tmp_path):
     write_images(tmp_path / "many", 12, size=(96, 72))
     out = tmp_path / "out"
-    _kill(_until_paused([sys.executable, "-c", _PAUSE_BEFORE_4TH_OVERLAY, str(run_dir), str(tmp_path / "many"), str(out)],
-                        {**os.environ, "UNSUPSEG_PROGRESS": "0"}))
+    _kill(
+        _until_paused(
+            [sys.executable, "-c", _PAUSE_BEFORE_4TH_OVERLAY, str(run_dir), str(tmp_path / "many"), str(out)],
+            {**os.environ, "UNSUPSEG_PROGRESS": "0"},
+        )
+    )
     finished = [f"img_{i:02d}" for i in range(3)]
     assert sorted(p.stem for p in out.glob("*.png")) == finished + ["img_03"]
     assert sorted(p.name for p in out.glob("*_overlay.jpg")) == [f"{n}_overlay.jpg" for n in finished]

@@ -15,12 +15,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import unsupseg
+from tests.conftest import write_images
 from unsupseg import rundir
 from unsupseg.api import resolve_config
 from unsupseg.cli import app
 from unsupseg.data import DataWarning
 from unsupseg.errors import CheckpointError, ConfigError, DataError, OutputError, RunDirError, WeightsError
-from tests.conftest import write_images
 
 OVERRIDES = ["data.resolution=48", "params.restarts=1"]
 
@@ -138,7 +138,9 @@ def test_same_file_names_in_two_folders_get_two_outputs(run, tmp_path):
     write_images(tmp_path / "b", 1, seed=2)
     written = unsupseg.segment(run / "run", [tmp_path / "a", tmp_path / "b"], tmp_path / "out")
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in written) == ["a/img_00.png", "b/img_00.png"]
-    assert (tmp_path / "out" / "a" / "img_00_overlay.jpg").exists() and (tmp_path / "out" / "b" / "img_00_overlay.jpg").exists()
+    assert (tmp_path / "out" / "a" / "img_00_overlay.jpg").exists() and (
+        tmp_path / "out" / "b" / "img_00_overlay.jpg"
+    ).exists()
 
     Image.open(tmp_path / "a" / "img_00.png").save(tmp_path / "a" / "img_00.jpg")
     with pytest.raises(OutputError, match=r"img_00.png and .*img_00.jpg would both be written"):
@@ -171,9 +173,13 @@ def test_bad_values_are_refused_with_a_message(run, tmp_path):
                                       ("leopart", 1, "at least 2")]:
         with pytest.raises(ConfigError, match=f"clusters must be {message}"):
             resolve_config(method, clusters=clusters)
-    for method, override, name in [("kmeans", "params.restarts=0", "restarts"), ("kmeans", "params.iterations=-5", "iterations"),
-                                   ("stego", "params.lr=-1", "lr"), ("cause-mlp", "params.lr=-1", "lr"),
-                                   ("leopart", "params.k_fg=0", "k_fg")]:
+    for method, override, name in [
+        ("kmeans", "params.restarts=0", "restarts"),
+        ("kmeans", "params.iterations=-5", "iterations"),
+        ("stego", "params.lr=-1", "lr"),
+        ("cause-mlp", "params.lr=-1", "lr"),
+        ("leopart", "params.k_fg=0", "k_fg"),
+    ]:
         with pytest.raises(ConfigError, match=f"params.{name} must be"):
             resolve_config(method, overrides=[override])
     from unsupseg.methods.leopart.finetune import FinetuneParams, check_params
@@ -242,8 +248,9 @@ def test_a_failed_fit_leaves_nothing_that_blocks_the_corrected_one(run, tmp_path
     assert not (tmp_path / "run").exists()
     # a fit killed before its first checkpoint (no clean-up ran) left its config: replaced, not refused
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({**yaml.safe_load((run / "run" / "config.yaml").read_text()),
-                                                                  "clusters": 7}))
+    (tmp_path / "run" / "config.yaml").write_text(
+        yaml.safe_dump({**yaml.safe_load((run / "run" / "config.yaml").read_text()), "clusters": 7})
+    )
     _fit(run / "imgs", tmp_path / "run", run)
     assert rundir.load(tmp_path / "run").config.clusters == 3
 

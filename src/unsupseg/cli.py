@@ -30,7 +30,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Discover semantic categories in unlabelled photos and paint every pixel with one."""
 
@@ -76,33 +78,47 @@ def print_seed_scores(report: dict, title: str) -> None:
     table.add_row("[bold]mean ± std", f"[bold]{report['miou']:.1f} ± {report['miou_std']:.1f}",
                   f"[bold]{report['pixel_accuracy']:.1f} ± {report['pixel_accuracy_std']:.1f}")
     out.print(table)
-    out.print(f"{report['n_images']} images at {report['map_size']} x {report['map_size']}, {report['num_clusters']} labels, "
-              f"matching {report['matching']} (Leopart's PredsmIoU)")
+    out.print(
+        f"{report['n_images']} images at {report['map_size']} x {report['map_size']}, {report['num_clusters']} labels, "
+        f"matching {report['matching']} (Leopart's PredsmIoU)"
+    )
 
 
 @app.command()
 def fit(
-    run: Optional[Path] = typer.Option(None, "--out", help="Run directory to write (resumes an interrupted fit); "
-                                       "not needed with --plan."),
-    method: Optional[str] = typer.Option(None, help="kmeans, cause-mlp, cause-tr, stego, leopart "
-                                         "(default: the --config file's method, else kmeans)."),
+    run: Optional[Path] = typer.Option(
+        None, "--out", help="Run directory to write (resumes an interrupted fit); not needed with --plan."
+    ),
+    method: Optional[str] = typer.Option(
+        None, help="kmeans, cause-mlp, cause-tr, stego, leopart (default: the --config file's method, else kmeans)."
+    ),
     backbone: Optional[str] = typer.Option(None, help="Backbone name (see `unsupseg backbones`)."),
     backbone_weights: Optional[str] = typer.Option(None, help="Weights file for the backbone, or 'random'."),
     images: Optional[Path] = typer.Option(None, help="Folder of unlabelled images to train on."),
     dataset: Optional[str] = typer.Option(None, help="Benchmark dataset name (camvid, cocostuff27, ...)."),
     root: Optional[Path] = typer.Option(None, help="Folder holding the dataset."),
     split: Optional[str] = typer.Option(None, help="Split to train on (default train)."),
-    clusters: Optional[str] = typer.Option(None, help="Number of clusters (classes to discover), or 'auto' to "
-                                           "estimate it from the training features (range: --set clusters_range=2,40)."),
+    clusters: Optional[str] = typer.Option(
+        None,
+        help="Number of clusters (classes to discover), or 'auto' to "
+        "estimate it from the training features (range: --set clusters_range=2,40).",
+    ),
     preset: Optional[str] = typer.Option(None, help="Preset name or YAML file (default: the dataset's)."),
     config: Optional[Path] = typer.Option(None, help="A YAML run config to start from."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key: --set params.lr=0.001"),
-    overwrite: bool = typer.Option(False, help="Replace the run in --out (its own files only; a folder that is "
-                                   "not a run directory is never touched)."),
-    plan: bool = typer.Option(False, "--plan", help="Print what the fit would do (items, feature source and "
-                              "size, steps, memory) and exit: no training, nothing written, no weights needed."),
-    throughput: Optional[float] = typer.Option(None, help="With --plan: training items per second measured on the "
-                                               "target machine, for a time estimate."),
+    overwrite: bool = typer.Option(
+        False,
+        help="Replace the run in --out (its own files only; a folder that is not a run directory is never touched).",
+    ),
+    plan: bool = typer.Option(
+        False,
+        "--plan",
+        help="Print what the fit would do (items, feature source and "
+        "size, steps, memory) and exit: no training, nothing written, no weights needed.",
+    ),
+    throughput: Optional[float] = typer.Option(
+        None, help="With --plan: training items per second measured on the target machine, for a time estimate."
+    ),
 ) -> None:
     """Fit a method and write a run directory."""
     from .api import fit as api_fit
@@ -138,7 +154,9 @@ def segment(
     overwrite: bool = typer.Option(False, help="Redo images whose outputs exist (also when another run wrote them)."),
     strict: bool = typer.Option(False, help="Stop at the first unreadable image instead of skipping it."),
     max_pixels: int = typer.Option(40_000_000, help="Downscale (with a warning) photos larger than this."),
-    batch_size: Optional[int] = typer.Option(None, help="Same-size photos per forward pass (default: the run's batch_size on a GPU, 1 on CPU)."),
+    batch_size: Optional[int] = typer.Option(
+        None, help="Same-size photos per forward pass (default: the run's batch_size on a GPU, 1 on CPU)."
+    ),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA), bf16 or fp32 (default: the run's)."),
     confidence: bool = typer.Option(False, help="Also write <name>_confidence.png (max probability per pixel)."),
     export_format: Optional[str] = typer.Option(None, "--export", help="Then export the masks (coco, cvat, "
@@ -173,16 +191,28 @@ def evaluate(
     crf: Optional[bool] = typer.Option(None, "--crf/--no-crf", help="Dense CRF refinement (default: the run's)."),
     flip: Optional[bool] = typer.Option(None, "--flip/--no-flip", help="Flip averaging (default: the run's)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the scores as JSON here."),
-    matching: list[str] = typer.Option([], help="Protocol: dataset (one Hungarian matching over the split, the "
-                                       "default), per-image (a Hungarian matching per image, as DiffCut), "
-                                       "many-to-one, or all (repeatable; one pass scores them all)."),
-    overcluster: list[int] = typer.Option([], help="Over-clustering protocol instead: k-means with K clusters "
-                                           "on the split's backbone features, many-to-one matching (repeatable)."),
-    seeds: Optional[str] = typer.Option(None, help="Over-clustering: the k-means seeds averaged, comma-separated "
-                                        "(default 0,1,2,3,4)."),
-    probe: Optional[str] = typer.Option(None, help="clusters (the unsupervised prediction, the default), or linear: "
-                                        "the run's supervised linear probe (STEGO, CAUSE), identity mapping."),
-    batch_size: Optional[int] = typer.Option(None, help="Same-size images per forward pass (default: the run's batch_size on a GPU, 1 on CPU)."),
+    matching: list[str] = typer.Option(
+        [],
+        help="Protocol: dataset (one Hungarian matching over the split, the "
+        "default), per-image (a Hungarian matching per image, as DiffCut), "
+        "many-to-one, or all (repeatable; one pass scores them all).",
+    ),
+    overcluster: list[int] = typer.Option(
+        [],
+        help="Over-clustering protocol instead: k-means with K clusters "
+        "on the split's backbone features, many-to-one matching (repeatable).",
+    ),
+    seeds: Optional[str] = typer.Option(
+        None, help="Over-clustering: the k-means seeds averaged, comma-separated (default 0,1,2,3,4)."
+    ),
+    probe: Optional[str] = typer.Option(
+        None,
+        help="clusters (the unsupervised prediction, the default), or linear: "
+        "the run's supervised linear probe (STEGO, CAUSE), identity mapping.",
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, help="Same-size images per forward pass (default: the run's batch_size on a GPU, 1 on CPU)."
+    ),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on CUDA), bf16 or fp32 (default: the run's)."),
 ) -> None:
     """Score a run on a labelled split (Hungarian matching over the split, or --matching), or over-cluster its features.
@@ -263,8 +293,19 @@ def finetune_leopart(
     from .methods.leopart.finetune import finetune
 
     params = apply_overrides({}, set_)
-    path = finetune(backbone, images, out_dir, weights=backbone_weights, epochs=epochs, batch_size=batch_size, steps=steps,
-                    device=device, overwrite=overwrite, log=out.print, **params)
+    path = finetune(
+        backbone,
+        images,
+        out_dir,
+        weights=backbone_weights,
+        epochs=epochs,
+        batch_size=batch_size,
+        steps=steps,
+        device=device,
+        overwrite=overwrite,
+        log=out.print,
+        **params,
+    )
     out.print(f"fine-tuned backbone: {path}  (use it with --backbone {backbone} --backbone-weights {path})")
 
 
@@ -316,7 +357,9 @@ def backbones() -> None:
     for col in ("name", "dim", "stride", "weights licence", "weights here"):
         table.add_column(col)
     for info in list_backbones():
-        table.add_row(info.name, str(info.dim), str(info.stride), info.licence, "yes" if info.weights_available else "no")
+        table.add_row(
+            info.name, str(info.dim), str(info.stride), info.licence, "yes" if info.weights_available else "no"
+        )
     out.print(table)
 
 
@@ -575,7 +618,8 @@ def segment_image(
     from .api import segment_image as api_segment_image
 
     seg = api_segment_image(photo, out_dir, clusters=_clusters(clusters), backbone=backbone,
-                            backbone_weights=backbone_weights, resolution=resolution, crf=crf, seed=seed, overwrite=overwrite, log=out.print)
+                            backbone_weights=backbone_weights, resolution=resolution, crf=crf, seed=seed,
+                            overwrite=overwrite, log=out.print)
     if report:
         from .reporting import build_report
 

@@ -20,7 +20,8 @@ from PIL import Image
 from . import __version__, rundir
 from ._io import atomic_write_text, check_writable_file
 from ._progress import console, track
-from .api import SEGMENT_RECORD, Segmenter, _run_identity, build_train_dataset, evaluate, load, run_labels
+from .api import SEGMENT_RECORD, Segmenter, build_train_dataset, evaluate, load, run_labels
+from .api.outputs import _run_identity
 from .data import ImageFolder, build_dataset
 from .errors import ConfigError, DataError
 from .evaluation.report import ClusterGallery, ReportData, ReportImage, adjacency, render_report, top_neighbours
@@ -109,8 +110,11 @@ def build_report(
     summary[5:5] = [(name.replace("_", " "), value) for name, value in meta.get("fit_record", {}).items()]
     notes = []
     if metrics is not None:
-        notes.append(f"Cluster names come from {metrics.get('mapping_from', metrics['matching'])} matching of clusters to classes on the "
-                     "whole split; the method never saw the labels.")
+        notes.append(
+            f"Cluster names come from {metrics.get('mapping_from', metrics['matching'])} matching of clusters to "
+            f"classes on the "
+            "whole split; the method never saw the labels."
+        )
     title = f"unsupseg report: {Path(seg.path).name if seg.path is not None else config.method}"
     report = ReportData(
         title=title, num_clusters=seg.num_clusters, images=shown, gallery=gallery.rows(),
@@ -136,7 +140,9 @@ def _report_images(config, images, dataset, root, split):
         try:
             data = build_train_dataset(config)
         except DataError as err:
-            raise DataError(f"the run's training images cannot be read ({err}); pass --images DIR to show others") from None
+            raise DataError(
+                f"the run's training images cannot be read ({err}); pass --images DIR to show others"
+            ) from None
         d = config.data
         if d.dataset and not d.crops and not d.images:
             bench, source = (d.dataset, d.root, d.split), f"training data {d.dataset}/{d.split}"

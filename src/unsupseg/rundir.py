@@ -99,7 +99,9 @@ def prepare(path: Path, config: RunConfig, overwrite: bool) -> bool:
         if overwrite:
             discard(path)
         elif is_complete(path):
-            raise RunDirError(f"{path} already holds a finished run; pass --overwrite to replace it or choose another --out")
+            raise RunDirError(
+                f"{path} already holds a finished run; pass --overwrite to replace it or choose another --out"
+            )
         elif load_yaml(path / CONFIG) == to_dict(config):
             return True
         elif has_checkpoints(path):
@@ -165,7 +167,9 @@ def load(path: str | Path) -> Run:
         raise RunDirError(f"run directory {path} does not exist")
     for name in (CONFIG, WEIGHTS, META):
         if not (path / name).exists():
-            raise RunDirError(f"{path} is not a finished run: {name} is missing (is the fit still running or interrupted?)")
+            raise RunDirError(
+                f"{path} is not a finished run: {name} is missing (is the fit still running or interrupted?)"
+            )
     try:
         meta = json.loads((path / META).read_text())
     except json.JSONDecodeError as err:
@@ -177,7 +181,9 @@ def load(path: str | Path) -> Run:
             "Re-run the fit with this version."
         )
     if _sha256(path / WEIGHTS) != meta.get("weights_sha256"):
-        raise RunDirError(f"{path / WEIGHTS} does not match the checksum recorded in {META}: the file was modified or damaged")
+        raise RunDirError(
+            f"{path / WEIGHTS} does not match the checksum recorded in {META}: the file was modified or damaged"
+        )
     try:
         config = from_dict(RunConfig, load_yaml(path / CONFIG))
     except ConfigError as err:

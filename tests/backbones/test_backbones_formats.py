@@ -121,7 +121,9 @@ def _leopart_released(vit_state: dict, dim: int) -> dict:
 
 @pytest.mark.parametrize(("name", "arch", "dim"), [("dino_vits16", "vit_small_patch16_224", 384),
                                                    ("dino_vitb8", "vit_base_patch8_224", 768)])
-def test_leopart_released_checkpoint_loads_like_plain_dino(tmp_path, random_timm, reference_features, images, name, arch, dim):
+def test_leopart_released_checkpoint_loads_like_plain_dino(
+    tmp_path, random_timm, reference_features, images, name, arch, dim
+):
     reference = random_timm(arch)
     path = _save(_leopart_released(reference.state_dict(), dim), tmp_path / "leopart.ckpt")
     released = _check_loads_like(name, path, reference, reference_features, (48, 80), images)

@@ -11,8 +11,8 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from unsupseg.data import (
-    CropView,
     CroppedDataset,
+    CropView,
     FileDataset,
     ImageFolder,
     build_dataset,

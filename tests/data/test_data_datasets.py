@@ -155,7 +155,9 @@ def test_leopart_voc_evaluation_resizes_images_bilinear_and_labels_nearest(tmp_p
     np.testing.assert_array_equal(label.numpy(), [[0, 15, 15, -1], [0, 15, 15, -1], [20, -1, -1, 1], [20, -1, -1, 1]])
     expected = np.asarray(ds[0].image.resize((4, 4), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
     np.testing.assert_array_equal((image.numpy() * 255).round(), expected)
-    assert not np.array_equal(expected, np.asarray(ds[0].image.resize((4, 4), Image.Resampling.NEAREST)).transpose(2, 0, 1))
+    assert not np.array_equal(
+        expected, np.asarray(ds[0].image.resize((4, 4), Image.Resampling.NEAREST)).transpose(2, 0, 1)
+    )
 
 
 def test_voc_trainaug_reads_aug_masks(tmp_path, write_rgb):

@@ -106,9 +106,19 @@ def test_every_trainer_fits_and_predicts_under_bf16_autocast(tmp_path, method):
         overrides = ["params.steps=3", "params.batch_size=3", "params.knn_k=2", "params.dim=6", "params.neg_samples=2",
                      "params.feature_samples=3", "data.resolution=32"]
     else:
-        overrides = ["params.concepts=8", "params.reduced_dim=6", "params.projection_dim=8", "params.bank_size=4",
-                     "params.batch_size=3", "params.ref_world_size=1", "params.tr_ffn_dim=16", "params.cluster_epochs=1",
-                     "params.train_resolution=null", "params.mediator_resolution=null", "data.resolution=64"]
+        overrides = [
+            "params.concepts=8",
+            "params.reduced_dim=6",
+            "params.projection_dim=8",
+            "params.bank_size=4",
+            "params.batch_size=3",
+            "params.ref_world_size=1",
+            "params.tr_ffn_dim=16",
+            "params.cluster_epochs=1",
+            "params.train_resolution=null",
+            "params.mediator_resolution=null",
+            "data.resolution=64",
+        ]
     overrides += ["data.mode=short_crop", "test.crf=false", "precision=bf16",
                   f"cache_dir={tmp_path / 'cache'}"]
     messages = []

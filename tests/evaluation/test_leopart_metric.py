@@ -10,7 +10,12 @@ from tests.reference_data import load
 from unsupseg.errors import ConfigError
 from unsupseg.evaluation.metrics import ConfusionMatrix, leopart_score
 
-MATCHING = {"hung": "hungarian-iou", "hungp": "hungarian-iou", "m2op": "many-to-one-precision", "m2oi": "many-to-one-iou"}
+MATCHING = {
+    "hung": "hungarian-iou",
+    "hungp": "hungarian-iou",
+    "m2op": "many-to-one-precision",
+    "m2oi": "many-to-one-iou",
+}
 
 
 @pytest.mark.parametrize("case", sorted(MATCHING))

@@ -10,7 +10,6 @@ from unsupseg.errors import ConfigError
 from unsupseg.evaluation.metrics import majority_mapping, score
 from unsupseg.evaluation.overcluster import overcluster_scores
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

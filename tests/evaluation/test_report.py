@@ -15,12 +15,12 @@ from PIL import Image
 from scipy.spatial import cKDTree
 
 import unsupseg
+from tests.conftest import write_images
 from unsupseg.data import load_image
 from unsupseg.errors import ConfigError
 from unsupseg.evaluation.report import ClusterGallery, ReportData, ReportImage, render_report
 from unsupseg.evaluation.visualize import palette
 from unsupseg.reporting import build_report
-from tests.conftest import write_images
 
 OVERRIDES = ["data.resolution=48", "params.restarts=1"]
 CHROMIUM = shutil.which("chromium")

@@ -1,9 +1,9 @@
 import torch
 
+from tests.conftest import write_images
 from unsupseg.backbones import build_backbone
 from unsupseg.data import ImageFolder, Preprocess
 from unsupseg.features.extract import extract_features
-from tests.conftest import write_images
 
 
 class CountingBackbone(torch.nn.Module):

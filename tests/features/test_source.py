@@ -28,7 +28,6 @@ from unsupseg.features.source import (
     token_shapes,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -74,7 +74,9 @@ def published(tmp_path, variant, seed=0):
 
 def ref_head_mlp(x, sd, prefix="head_ema"):
     """HeadSegment on B x D x h x w: f1(x) + f2.2(relu(f2.0(x))) with 1x1 convolutions."""
-    w = lambda name: sd[f"{prefix}.{name}"]
+    def w(name):
+        return sd[f"{prefix}.{name}"]
+
     return F.conv2d(x, w("f1.weight"), w("f1.bias")) + F.conv2d(
         F.relu(F.conv2d(x, w("f2.0.weight"), w("f2.0.bias"))), w("f2.2.weight"), w("f2.2.bias"))
 
@@ -95,7 +97,9 @@ def ref_head_tr(x, sd, codebook, prefix="head_ema"):
     index = (F.normalize(memory, dim=-1) @ F.normalize(codebook, dim=1).T).argmax(-1)
     tgt = codebook[index]
     pos = sd[f"{prefix}.query_pos"].unsqueeze(0)
-    ln = lambda t, i: F.layer_norm(t, (d,), sd[f"{prefix}.tr.norm{i}.weight"], sd[f"{prefix}.tr.norm{i}.bias"])
+    def ln(t, i):
+        return F.layer_norm(t, (d,), sd[f"{prefix}.tr.norm{i}.weight"], sd[f"{prefix}.tr.norm{i}.bias"])
+
     tgt = ln(tgt + ref_attention(tgt + pos, tgt + pos, tgt, sd, f"{prefix}.tr.self_attn"), 1)
     tgt = ln(tgt + ref_attention(tgt + pos, memory, memory, sd, f"{prefix}.tr.multihead_attn"), 2)
     ffn = F.relu(tgt @ sd[f"{prefix}.tr.linear1.weight"].T + sd[f"{prefix}.tr.linear1.bias"])
@@ -106,7 +110,11 @@ def ref_head_tr(x, sd, codebook, prefix="head_ema"):
 
 
 def reference_scores(variant, feats, feats_flip, size, segment, cluster):
-    head = (lambda x: ref_head_tr(x, segment, cluster["codebook"])) if variant == "tr" else (lambda x: ref_head_mlp(x, segment))
+    head = (
+        (lambda x: ref_head_tr(x, segment, cluster["codebook"]))
+        if variant == "tr"
+        else (lambda x: ref_head_mlp(x, segment))
+    )
     seg = (head(feats) + head(feats_flip).flip(-1)) / 2
     seg = F.interpolate(seg, size, mode="bilinear", align_corners=False)
     return torch.einsum("bchw,nc->bnhw", F.normalize(seg, dim=1), F.normalize(cluster["cluster_probe"], dim=1))
@@ -135,7 +143,9 @@ def test_imported_run_reproduces_the_reference_test_path(tmp_path, variant):
 
 def test_imported_tr_run_segments_other_shapes_by_tiling(tmp_path):
     _, _, (seg_file, clu_file, _) = published(tmp_path, "tr")
-    seg = api.load(import_cause("cause-tr", seg_file, clu_file, "dino_vits16", tmp_path / "run", backbone_weights="random"))
+    seg = api.load(
+        import_cause("cause-tr", seg_file, clu_file, "dino_vits16", tmp_path / "run", backbone_weights="random")
+    )
     labels = seg.predict_tensor(torch.rand(3, 64, 112), crf=False).labels
     assert labels.shape == (64, 112) and labels.max() < C
 
@@ -157,7 +167,9 @@ def test_malformed_files_are_refused_with_the_file_and_key(tmp_path):
         import_cause("cause-mlp", seg_file, clu_file, "dino_vitb16", out, backbone_weights="random")
     np.save(tmp_path / "bad.npy", np.zeros((3, 3), dtype=np.float32))
     with pytest.raises(CheckpointError, match=r"bad\.npy"):
-        import_cause("cause-mlp", seg_file, clu_file, "dino_vits16", out, backbone_weights="random", modular=tmp_path / "bad.npy")
+        import_cause(
+            "cause-mlp", seg_file, clu_file, "dino_vits16", out, backbone_weights="random", modular=tmp_path / "bad.npy"
+        )
 
 
 class Payload:
@@ -168,5 +180,7 @@ def test_pickled_objects_are_not_loaded(tmp_path):
     _, _, (seg_file, clu_file, _) = published(tmp_path, "mlp")
     torch.save({"head_ema.f1.weight": Payload()}, tmp_path / "evil.pth")
     with pytest.raises(CheckpointError, match=r"evil\.pth"):
-        import_cause("cause-mlp", tmp_path / "evil.pth", clu_file, "dino_vits16", tmp_path / "run", backbone_weights="random")
+        import_cause(
+            "cause-mlp", tmp_path / "evil.pth", clu_file, "dino_vits16", tmp_path / "run", backbone_weights="random"
+        )
     assert not (tmp_path / "run").exists()

@@ -96,7 +96,9 @@ def test_import_predicts_as_the_reference_test_path(tmp_path, vit, lightning_mod
     run = api.rundir.load(out)
     assert (out / "backbone.safetensors").is_file()
     assert run.config.method == "stego" and run.config.clusters == C
-    assert run.config.backbone.name == "dino_vits8" and run.config.backbone.weights == str((out / "backbone.safetensors").resolve())
+    assert run.config.backbone.name == "dino_vits8" and run.config.backbone.weights == str(
+        (out / "backbone.safetensors").resolve()
+    )
     assert run.config.test.alpha == 2.0 and run.config.test.flip and run.config.test.crf
     assert run.config.params["shift_rand"] == 0.76 and run.config.params["dim"] == R
     assert torch.equal(run.state["cluster_probe"], state["cluster_probe.clusters"])
@@ -164,9 +166,8 @@ def test_evaluate_scores_the_imported_linear_probe(tmp_path, vit, lightning_modu
 
     from tests.methods.test_leopart import _camvid_tree
     from unsupseg.cli import app
-    from unsupseg.data import build_dataset
-
     from unsupseg.config import dump_yaml, to_dict
+    from unsupseg.data import build_dataset
 
     state = _checkpoint(tmp_path / "s.ckpt", vit, lightning_module, classes=11)
     out = import_stego(tmp_path / "s.ckpt", tmp_path / "run")
@@ -174,8 +175,24 @@ def test_evaluate_scores_the_imported_linear_probe(tmp_path, vit, lightning_modu
     config.test.resolution = 48   # the released 320 makes a ViT-S/8 slow on a CPU; the path is the same
     (out / "config.yaml").write_text(dump_yaml(to_dict(config)))
     root = _camvid_tree(tmp_path / "camvid", counts=(("val", 2),), size=(32, 48))
-    result = CliRunner().invoke(app, ["evaluate", str(out), "--dataset", "camvid", "--root", str(root), "--split", "val",
-                                      "--probe", "linear", "--no-crf", "--json", str(tmp_path / "linear.json")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(out),
+            "--dataset",
+            "camvid",
+            "--root",
+            str(root),
+            "--split",
+            "val",
+            "--probe",
+            "linear",
+            "--no-crf",
+            "--json",
+            str(tmp_path / "linear.json"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "linear probe" in result.output and "matching identity" in result.output
     report = json.loads((tmp_path / "linear.json").read_text())

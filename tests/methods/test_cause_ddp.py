@@ -77,9 +77,22 @@ def test_torchrun_fit_on_a_cold_cache_shards_extraction_and_agrees(tmp_path):
     from tests.torchrun import fit_two_ranks
 
     write_images(tmp_path / "photos", 8)
-    (a, b), logs = fit_two_ranks(tmp_path, "cause-mlp", preset="demo", clusters=3, backbone_weights="random", overrides=[
-        "params.mediator_epochs=2", "params.head_epochs=2", "params.cluster_epochs=2",
-        "params.batch_size=4", "params.concepts=8", "data.resolution=64", "data.workers=0"])
+    (a, b), logs = fit_two_ranks(
+        tmp_path,
+        "cause-mlp",
+        preset="demo",
+        clusters=3,
+        backbone_weights="random",
+        overrides=[
+            "params.mediator_epochs=2",
+            "params.head_epochs=2",
+            "params.cluster_epochs=2",
+            "params.batch_size=4",
+            "params.concepts=8",
+            "data.resolution=64",
+            "data.workers=0",
+        ],
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "rank 0/2 extracted its share, items 0-3 (4 of 8)" in logs[0]
     assert "rank 1/2 extracted its share, items 4-7 (4 of 8)" in logs[1]

@@ -62,7 +62,9 @@ def test_feature_scale_multiplies_the_tokens_the_head_sees(variant):
     with torch.no_grad():
         expected = head((4.0 * feats).flatten(2).transpose(1, 2)).transpose(1, 2).reshape(2, 5, 4, 6)
         assert torch.allclose(predictor.embed(feats), expected, atol=1e-5)
-        assert not torch.allclose(predictor.embed(feats), build_predictor(Params(), state, PredictorInfo(4, 12, 8)).embed(feats))
+        assert not torch.allclose(
+            predictor.embed(feats), build_predictor(Params(), state, PredictorInfo(4, 12, 8)).embed(feats)
+        )
 
 
 @pytest.mark.parametrize("variant", ["mlp", "tr"])

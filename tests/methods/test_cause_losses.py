@@ -24,7 +24,6 @@ from unsupseg.methods.cause.losses import (
 )
 from unsupseg.methods.cause.trainer import Student, to_map
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -85,7 +84,11 @@ def test_grid_sample_members_of_their_own_window_and_leftovers_unused():
 
 def test_grid_sample_same_order_gives_aligned_tokens():
     grid = (8, 8)
-    coords = torch.stack(torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1).view(1, 64, 2).repeat(3, 1, 1)
+    coords = (
+        torch.stack(torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1)
+        .view(1, 64, 2)
+        .repeat(3, 1, 1)
+    )
     other = coords * 10 + 1
     order = draw_grid_order(3, grid, gen(2))
     a, b = sample_grid(coords, order, grid), sample_grid(other, order, grid)
@@ -266,7 +269,9 @@ def test_contrastive_matches_reference_loop_in_batch_and_bank():
     filled = torch.arange(3) < length.unsqueeze(1)
     flat_values = values[filled]
     concept_of = torch.arange(8).unsqueeze(1).expand(8, 3)[filled]
-    terms, valid = front_door_terms(z_s, z_t, concepts, concepts.flatten(), concept_cos, self_index, (flat_values, concept_of))
+    terms, valid = front_door_terms(
+        z_s, z_t, concepts, concepts.flatten(), concept_cos, self_index, (flat_values, concept_of)
+    )
     assert terms.shape == (6,)
     expected = reference_loop(z_s, z_t, concepts, concept_cos, (flat_values, concept_of))
     assert torch.allclose(front_door_loss(terms, valid), expected, atol=1e-5)

@@ -27,7 +27,6 @@ from unsupseg.methods.cause.trainer import (
     run_cause,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -179,7 +178,9 @@ def clipped_head_gradients(tmp_path, reference_clip, probe_factor, monkeypatch):
     params = tiny(grad_clip=0.01, reference_clip=reference_clip, head_epochs=1)
     torch.manual_seed(0)
     codebook = torch.randn(params.concepts, 16)
-    stage, front = front_door_stage(StoreSource(make_store(tmp_path), True), codebook, "mlp", 3, params, Dist(), 0, "cpu")
+    stage, front = front_door_stage(
+        StoreSource(make_store(tmp_path), True), codebook, "mlp", 3, params, Dist(), 0, "cpu"
+    )
     seen = []
 
     def record(optimizer, args, kwargs):
@@ -195,7 +196,9 @@ def clipped_head_gradients(tmp_path, reference_clip, probe_factor, monkeypatch):
 
 
 def test_joint_clip_lets_the_probe_shrink_the_head_update_and_apart_does_not(tmp_path, monkeypatch):
-    norm = lambda grads: torch.cat([g.flatten() for g in grads]).norm()
+    def norm(grads):
+        return torch.cat([g.flatten() for g in grads]).norm()
+
     # default (apart): the head's clipped gradient does not depend on the probe's at all
     (apart1, head_proj, _), (apart100, *_) = (clipped_head_gradients(tmp_path / str(f), False, f, monkeypatch)
                                               for f in (1, 100))
@@ -225,8 +228,10 @@ def attention_rms_after_step2(tmp_path, **optimizer) -> tuple[float, float]:
     run_stage(stage, None, Dist())
     stage, front = front_door_stage(source, mediator.codebook.detach(), "tr", None, params, Dist(), 0, "cpu")
     decoder = front.student.head.tr
-    rms = lambda: torch.cat([decoder.self_attn.in_proj_weight.flatten(),
-                             decoder.multihead_attn.in_proj_weight.flatten()]).pow(2).mean().sqrt().item()
+    def rms():
+        return torch.cat([decoder.self_attn.in_proj_weight.flatten(),
+                          decoder.multihead_attn.in_proj_weight.flatten()]).pow(2).mean().sqrt().item()
+
     before = rms()
     run_stage(stage, None, Dist())
     return before, rms()
@@ -311,18 +316,29 @@ def test_step3_kmeans_init_is_a_converged_partition_that_does_not_depend_on_the_
     params = tiny(cluster_init="kmeans", cluster_init_restarts=3, grid_window=1)  # every token is sampled
     partitions = []
     for seed in range(4):
-        centroids = trainer.seed_centroids(source, torch.nn.Identity(), 3, params, torch.Generator().manual_seed(seed), "cpu")
+        centroids = trainer.seed_centroids(
+            source, torch.nn.Identity(), 3, params, torch.Generator().manual_seed(seed), "cpu"
+        )
         x = torch.nn.functional.normalize(feats.flatten(2).transpose(1, 2).reshape(-1, 16), dim=1)
         members = (x @ centroids.T).argmax(1)
         # a Lloyd fixed point: each centroid is the normalised mean of the tokens nearest to it
         for c in range(3):
-            assert torch.allclose(centroids[c], torch.nn.functional.normalize(x[members == c].mean(0), dim=0), atol=1e-4)
+            assert torch.allclose(
+                centroids[c], torch.nn.functional.normalize(x[members == c].mean(0), dim=0), atol=1e-4
+            )
         # the partition is the three groups, whatever the seeds drew
         groups = base[:3].flatten(1).argmax(0).repeat(8)
-        assert torch.equal(torch.bincount(groups * 3 + members, minlength=9).reshape(3, 3).count_nonzero(1), torch.ones(3, dtype=torch.long))
+        assert torch.equal(
+            torch.bincount(groups * 3 + members, minlength=9).reshape(3, 3).count_nonzero(1),
+            torch.ones(3, dtype=torch.long),
+        )
         partitions.append(members)
-    assert all(torch.equal(p.unique(return_counts=True)[1].sort().values, partitions[0].unique(return_counts=True)[1].sort().values)
-               for p in partitions)
+    assert all(
+        torch.equal(
+            p.unique(return_counts=True)[1].sort().values, partitions[0].unique(return_counts=True)[1].sort().values
+        )
+        for p in partitions
+    )
 
 
 def test_feature_scale_scales_the_training_batches_and_keeps_the_clusterbook(tmp_path):
@@ -343,9 +359,17 @@ def test_feature_scale_scales_the_training_batches_and_keeps_the_clusterbook(tmp
 def test_invalid_params_are_config_errors():
     from unsupseg.errors import ConfigError
 
-    for bad in ({"cluster_loss": "kmeans"}, {"cluster_init": "zeros"}, {"cluster_init_restarts": 0}, {"concepts": 0}, {"bank_keep": 0.0},
-                {"pos_threshold": 0.1, "neg_threshold": 0.3}, {"tr_window": 2}, {"feature_scale": 0.0},
-                {"tr_grid_window": 0}):
+    for bad in (
+        {"cluster_loss": "kmeans"},
+        {"cluster_init": "zeros"},
+        {"cluster_init_restarts": 0},
+        {"concepts": 0},
+        {"bank_keep": 0.0},
+        {"pos_threshold": 0.1, "neg_threshold": 0.3},
+        {"tr_window": 2},
+        {"feature_scale": 0.0},
+        {"tr_grid_window": 0},
+    ):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             tiny(**bad)
 

@@ -323,10 +323,21 @@ def _camvid_tree(root, counts=(("train", 6), ("val", 4)), size=(72, 96)):
 
 def _reference_fit(tmp_path, *extra):
     root = _camvid_tree(tmp_path / "camvid")
-    overrides = [f"cache_dir={tmp_path / 'cache'}", "data.resolution=64", "params.k_fg=8", "params.k_cd=6",
-                 "params.weight_threshold=0.01", "params.kmeans_restarts=2", "params.map_size=16",
-                 "params.protocol=reference", "params.runs=3", "params.foreground=cbfe", "params.saliency=distinctiveness",
-                 "params.cbfe_threshold=0.3", *extra]
+    overrides = [
+        f"cache_dir={tmp_path / 'cache'}",
+        "data.resolution=64",
+        "params.k_fg=8",
+        "params.k_cd=6",
+        "params.weight_threshold=0.01",
+        "params.kmeans_restarts=2",
+        "params.map_size=16",
+        "params.protocol=reference",
+        "params.runs=3",
+        "params.foreground=cbfe",
+        "params.saliency=distinctiveness",
+        "params.cbfe_threshold=0.3",
+        *extra,
+    ]
     unsupseg.fit("leopart", out=tmp_path / "run", dataset="camvid", root=root, backbone="efficientnet_lite0",
                  backbone_weights="random", clusters=3, overrides=overrides, log=lambda msg: None)
     return root, unsupseg.load(tmp_path / "run")

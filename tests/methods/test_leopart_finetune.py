@@ -17,7 +17,6 @@ from unsupseg.errors import ConfigError, Interrupted, RunDirError
 from unsupseg.methods.leopart import finetune as lf
 from unsupseg.methods.leopart import views as lv
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ----------------------------------------------------------------------------- crops
@@ -210,7 +209,10 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     p = _tiny_params(lr_backbone=1e-4, lr_head=3e-3, drop_path=0.0, momentum_start=1.0)
     trainer = lf.Trainer("dino_vits16", "random", p, total_steps=1000, dist=Dist())
     _images(tmp_path / "img", 2)
-    views = [lv.make_views(Image.open(tmp_path / "img" / f"{i}.png").convert("RGB"), p, np.random.default_rng(i)) for i in range(2)]
+    views = [
+        lv.make_views(Image.open(tmp_path / "img" / f"{i}.png").convert("RGB"), p, np.random.default_rng(i))
+        for i in range(2)
+    ]
     batch = lv.collate(views)
     losses = [trainer.step(step, batch)["loss"] for step in range(6)]
     assert all(math.isfinite(x) and x >= 0 for x in losses)
@@ -241,7 +243,10 @@ def test_student_as_its_own_teacher_without_mask_or_local_crops(tmp_path):
     trainer = lf.Trainer("dino_vits16", "random", p, total_steps=10, dist=Dist())
     assert trainer.teacher is None and "teacher" not in trainer.state()
     _images(tmp_path / "img", 2)
-    views = [lv.make_views(Image.open(tmp_path / "img" / f"{i}.png").convert("RGB"), p, np.random.default_rng(i)) for i in range(2)]
+    views = [
+        lv.make_views(Image.open(tmp_path / "img" / f"{i}.png").convert("RGB"), p, np.random.default_rng(i))
+        for i in range(2)
+    ]
     logs = trainer.step(0, lv.collate(views))
     assert math.isfinite(logs["loss"]) and logs["images"] == 2
     assert trainer.queue.items.abs().sum() > 0           # every token enters the queue without a mask

@@ -100,4 +100,8 @@ def test_evaluate_hands_a_run_to_the_protocol_its_method_names(monkeypatch):
     seg = Segmenter(RunConfig(), None, _Identity(), torch.device("cpu"), resolved=(method, method.parse_params({})))
     report = unsupseg.api.evaluate(seg, dataset="camvid", root="/nowhere", split="test")
     assert report == {"protocol": "own-protocol"} and seen["seg"] is seg
-    assert {k: seen[k] for k in ("dataset", "root", "split")} == {"dataset": "camvid", "root": "/nowhere", "split": "test"}
+    assert {k: seen[k] for k in ("dataset", "root", "split")} == {
+        "dataset": "camvid",
+        "root": "/nowhere",
+        "split": "test",
+    }

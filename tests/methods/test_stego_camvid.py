@@ -9,7 +9,10 @@ import unsupseg.api as api
 @pytest.mark.slow
 def test_knn_partners_of_real_frames_come_from_the_same_video(tmp_path, camvid_root):
     # four consecutive frames from each of two videos (CamVid is sampled from driving videos)
-    frames = sorted((camvid_root / "train").glob("0001TP_*.png"))[:4] + sorted((camvid_root / "train").glob("0016E5_*.png"))[:4]
+    frames = (
+        sorted((camvid_root / "train").glob("0001TP_*.png"))[:4]
+        + sorted((camvid_root / "train").glob("0016E5_*.png"))[:4]
+    )
     folder = tmp_path / "frames"
     folder.mkdir()
     for frame in frames:

@@ -9,14 +9,13 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
+from tests.torchrun import AGENT_STORE, rendezvous_port
 from unsupseg.config import RunConfig, to_dict
 from unsupseg.engine import Dist, run_stage
 from unsupseg.features.cache import open_or_build
 from unsupseg.features.knn import knn_indices, pooled_descriptors
 from unsupseg.methods import stego
 from unsupseg.methods.base import FitContext
-
-from tests.torchrun import AGENT_STORE, rendezvous_port
 
 
 def _store(folder, n=8, dim=12, side=5):
@@ -74,9 +73,21 @@ def test_torchrun_fit_on_a_cold_cache_shards_extraction_and_agrees(tmp_path):
     from tests.torchrun import fit_two_ranks
 
     write_images(tmp_path / "photos", 8)
-    (a, b), logs = fit_two_ranks(tmp_path, "stego", clusters=3, backbone="efficientnet_lite0", backbone_weights="random",
-                                 overrides=["params.steps=3", "params.batch_size=4", "params.knn_k=2", "params.dim=8",
-                                            "data.resolution=64", "data.workers=0"])
+    (a, b), logs = fit_two_ranks(
+        tmp_path,
+        "stego",
+        clusters=3,
+        backbone="efficientnet_lite0",
+        backbone_weights="random",
+        overrides=[
+            "params.steps=3",
+            "params.batch_size=4",
+            "params.knn_k=2",
+            "params.dim=8",
+            "data.resolution=64",
+            "data.workers=0",
+        ],
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "rank 0/2 extracted its share, items 0-3 (4 of 8)" in logs[0]
     assert "rank 1/2 extracted its share, items 4-7 (4 of 8)" in logs[1]

@@ -50,7 +50,7 @@ def test_term_shifts_features_and_clamps_negative_code_correlations():
     # without the zero clamp the negative pairs (Fc - b = -0.25) push the codes apart
     z2 = z.detach().clone().requires_grad_(True)
     unclamped, _ = correlation_term(f, f, z2, z2, shift, pointwise=False, zero_clamp=False)
-    assert torch.allclose(unclamped[0, 0, 0, 0, 1], torch.tensor(-(-0.6) * (0 - shift)))
+    assert torch.allclose(unclamped[0, 0, 0, 0, 1], torch.tensor(0.6 * (0 - shift)))
     unclamped.mean().backward()
     assert z2.grad.abs().sum() > 0
 
@@ -111,9 +111,13 @@ def test_self_term_pairs_the_anchor_points_with_themselves():
     # same points on both sides: the code correlation of the self term has a unit diagonal
     _, self_cd = correlation_term(sample_points(signal, c1), sample_points(signal, c1), sample_points(code, c1),
                                   sample_points(code, c1), 0.0)
-    assert torch.allclose(torch.diagonal(self_cd.flatten(1, 2).flatten(2), dim1=1, dim2=2), torch.ones(4, 25), atol=1e-5)
+    assert torch.allclose(
+        torch.diagonal(self_cd.flatten(1, 2).flatten(2), dim1=1, dim2=2), torch.ones(4, 25), atol=1e-5
+    )
     # the partner points (c2) never enter the self term
-    other = correlation_loss(signal, signal_pos, code, code_pos, c1, random_coords(4, 5, torch.Generator()), perms, Params())
+    other = correlation_loss(
+        signal, signal_pos, code, code_pos, c1, random_coords(4, 5, torch.Generator()), perms, Params()
+    )
     assert torch.equal(other["self"], out["self"]) and not torch.equal(other["knn"], out["knn"])
 
 
@@ -154,7 +158,9 @@ def test_linear_probe_loss_ignores_unlabelled_and_out_of_range_pixels():
 
 def test_probes_train_on_detached_codes_only():
     head = StegoHead(6, 3)
-    model = _Trainable(head, 6, 3, clusters=4, num_classes=5, reconstruct=False, generator=torch.Generator().manual_seed(0))
+    model = _Trainable(
+        head, 6, 3, clusters=4, num_classes=5, reconstruct=False, generator=torch.Generator().manual_seed(0)
+    )
     feats = torch.randn(4, 6, 5, 5)
     labels = torch.randint(0, 5, (2, 40, 40))
     _, _, losses = model(feats, 2, labels)
@@ -173,8 +179,12 @@ def test_head_branches_draw_independent_dropout_masks_and_eval_has_none():
     signal, _ = head(feats)
     masks.append(signal != 0)
     assert len(masks) == 3
-    assert all(not m.all() and m.any() for m in masks)      # each is a channel-dropout mask
-    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2]) and not torch.equal(masks[0], masks[2])
+    assert all(not m.all() and m.any() for m in masks)  # each is a channel-dropout mask
+    assert (
+        not torch.equal(masks[0], masks[1])
+        and not torch.equal(masks[1], masks[2])
+        and not torch.equal(masks[0], masks[2])
+    )
     head.eval()
     signal, code = head(feats)
     assert torch.equal(signal, feats)

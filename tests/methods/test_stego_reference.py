@@ -56,12 +56,18 @@ def test_helper_with_one_code_in_both_slots():
 
 def _params(ref) -> Params:
     return Params(
-        feature_samples=int(ref["cfg_feature_samples"]), neg_samples=int(ref["cfg_neg_samples"]),
-        pointwise=bool(ref["cfg_pointwise"]), zero_clamp=bool(ref["cfg_zero_clamp"]), stabilize=bool(ref["cfg_stabalize"]),
+        feature_samples=int(ref["cfg_feature_samples"]),
+        neg_samples=int(ref["cfg_neg_samples"]),
+        pointwise=bool(ref["cfg_pointwise"]),
+        zero_clamp=bool(ref["cfg_zero_clamp"]),
+        stabilize=bool(ref["cfg_stabalize"]),
         correspondence_weight=float(ref["cfg_correspondence_weight"]),
-        weight_self=float(ref["cfg_pos_intra_weight"]), weight_knn=float(ref["cfg_pos_inter_weight"]),
-        weight_rand=float(ref["cfg_neg_inter_weight"]), shift_self=float(ref["cfg_pos_intra_shift"]),
-        shift_knn=float(ref["cfg_pos_inter_shift"]), shift_rand=float(ref["cfg_neg_inter_shift"]),
+        weight_self=float(ref["cfg_pos_intra_weight"]),
+        weight_knn=float(ref["cfg_pos_inter_weight"]),
+        weight_rand=float(ref["cfg_neg_inter_weight"]),
+        shift_self=float(ref["cfg_pos_intra_shift"]),
+        shift_knn=float(ref["cfg_pos_inter_shift"]),
+        shift_rand=float(ref["cfg_neg_inter_shift"]),
     )
 
 
@@ -76,13 +82,20 @@ def test_full_loss_replaying_the_reference_draws(dtype, tol):
     np.testing.assert_array_equal(ref["coords2"], 2 * ref["rand2"] - 1)
     code, code_pos = _t(ref, "code", dtype, grad=True), _t(ref, "code_pos", dtype, grad=True)
     perms = [torch.tensor(row) for row in ref["perms"]]
-    out = correlation_loss(_t(ref, "feats", dtype), _t(ref, "feats_pos", dtype), code, code_pos, coords1, coords2, perms,
-                           _params(ref))
+    out = correlation_loss(
+        _t(ref, "feats", dtype), _t(ref, "feats_pos", dtype), code, code_pos, coords1, coords2, perms, _params(ref)
+    )
     out["loss"].backward()
     _close(sample_points(code, coords1).detach(), ref["sampled_code"], tol)
     _close(sample_points(code_pos, coords2).detach(), ref["sampled_code_pos"], tol)
-    for ours, theirs in (("self", "pos_intra_loss"), ("knn", "pos_inter_loss"), ("rand", "neg_inter_loss"),
-                         ("cd_self", "pos_intra_cd_mean"), ("cd_knn", "pos_inter_cd_mean"), ("cd_rand", "neg_inter_cd_mean")):
+    for ours, theirs in (
+        ("self", "pos_intra_loss"),
+        ("knn", "pos_inter_loss"),
+        ("rand", "neg_inter_loss"),
+        ("cd_self", "pos_intra_cd_mean"),
+        ("cd_knn", "pos_inter_cd_mean"),
+        ("cd_rand", "neg_inter_cd_mean"),
+    ):
         _close(out[ours].detach(), ref[theirs], tol)
     _close(out["loss"].detach(), ref["total_loss"], tol)
     _close(code.grad, ref["grad_code"], tol)

@@ -8,6 +8,7 @@ The CLI is a thin layer over these functions. One module per seam: ``resolve`` (
 from __future__ import annotations
 
 from .. import rundir
+from .labelling import export, label
 from .method_protocols import METHOD_PROTOCOLS, evaluate_leopart_reference
 from .outputs import (
     SEGMENT_RECORD,
@@ -31,8 +32,6 @@ from .resolve import (
     resolve_method,
     resolve_run,
 )
-from .labelling import export, label
-from .single_image import IMAGE_CLUSTERS_RANGE, segment_image
 from .scoring import (
     PROBES,
     _protocols,
@@ -52,6 +51,7 @@ from .segmenter import (
     run_labels,
     tiled_embed,
 )
+from .single_image import IMAGE_CLUSTERS_RANGE, segment_image
 from .training import fit, plan
 
 __all__ = [

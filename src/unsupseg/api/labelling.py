@@ -34,7 +34,7 @@ def label(
     current = labels_file.identity(num_clusters) if reset else labels_file.load(path, num_clusters)
     new_merges = {str(k): list(v) for k, v in (merges or {}).items()}
     touched = set()
-    for name, members in new_merges.items():
+    for members in new_merges.values():
         for c in members:
             try:
                 touched.add(int(c))

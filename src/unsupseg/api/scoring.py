@@ -40,7 +40,9 @@ def linear_probe_segmenter(seg: Segmenter, state: dict[str, torch.Tensor] | None
         raise ConfigError(f"--probe linear: {has}")
     weight, bias = (state[k] for k in keys)
     probe = LinearProbe(seg.predictor, weight, bias)
-    probe_config = dataclasses.replace(config, clusters=int(weight.shape[0]), test=dataclasses.replace(config.test, alpha=1.0))
+    probe_config = dataclasses.replace(
+        config, clusters=int(weight.shape[0]), test=dataclasses.replace(config.test, alpha=1.0)
+    )
     return Segmenter(probe_config, seg.backbone, probe, seg.device, seg.path, resolved=(seg.method, seg.params))
 
 
@@ -122,7 +124,8 @@ def evaluate(
     prep = seg.eval_preprocess(data)
     kwargs = dict(cache_dir=config.cache_dir, batch_size=config.batch_size, strict=True)
     store = extract_features(seg.backbone, data, prep, description=f"{split} features", **kwargs)
-    flipped = extract_features(seg.backbone, data, prep, flip=True, description=f"{split} flipped", **kwargs) if flip else None
+    flipped = extract_features(seg.backbone, data, prep, flip=True, description=f"{split} flipped", **kwargs) \
+        if flip else None
     chunks = same_shape_chunks(store, batch_size or seg.batch_size)
     confusion, per_image = _confusion(seg, data, prep, store, flipped, crf, chunks, f"evaluating {dataset}/{split}",
                                       merged)
@@ -146,9 +149,19 @@ def evaluate(
     if seg.path is not None:
         key = f"metrics_{dataset}_{split}{'_linear' if probe == 'linear' else ''}{'_crf' if crf else ''}"
         key += "_labels" if "labels" in report else ""
-        rundir.update_meta(seg.path, **{key: {
-            "pixel_accuracy": report["pixel_accuracy"], "miou": report["miou"], "matching": protocols[0],
-            "protocols": {name: {k: p[k] for k in ("pixel_accuracy", "miou")} for name, p in report["protocols"].items()}}})
+        rundir.update_meta(
+            seg.path,
+            **{
+                key: {
+                    "pixel_accuracy": report["pixel_accuracy"],
+                    "miou": report["miou"],
+                    "matching": protocols[0],
+                    "protocols": {
+                        name: {k: p[k] for k in ("pixel_accuracy", "miou")} for name, p in report["protocols"].items()
+                    },
+                }
+            },
+        )
     return report
 
 
@@ -189,7 +202,9 @@ def _protocol_scores(confusion: ConfusionMatrix, per_image: PerImageHungarian, p
     """The report's scores: the first protocol's at the top level, every one under ``protocols``, and
     the cluster -> class ``mapping`` of the first dataset-level one (else dataset-wide Hungarian)."""
     matchings = {"dataset": "hungarian", "many-to-one": "many-to-one", "identity": "identity"}
-    results = {name: per_image.scores() if name == "per-image" else score(confusion, matchings[name]) for name in protocols}
+    results = {
+        name: per_image.scores() if name == "per-image" else score(confusion, matchings[name]) for name in protocols
+    }
     mapping_from = next((n for n in protocols if n != "per-image"), "dataset")
     colours = results.get(mapping_from) or score(confusion, "hungarian")
     return {

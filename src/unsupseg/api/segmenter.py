@@ -57,8 +57,16 @@ class Segmenter:
     that pair when the caller holds it already).
     """
 
-    def __init__(self, config: RunConfig, backbone, predictor: Predictor, device: torch.device, path: Path | None = None,
-                 precision: str | None = None, resolved: tuple[Method, Any] | None = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        backbone,
+        predictor: Predictor,
+        device: torch.device,
+        path: Path | None = None,
+        precision: str | None = None,
+        resolved: tuple[Method, Any] | None = None,
+    ):
         self.config = config
         self.method, self.params = resolved or resolve_method(config)
         self.backbone = backbone
@@ -74,7 +82,9 @@ class Segmenter:
         method, params = resolved or resolve_method(config)
         dev = init_distributed(device or config.device).device
         if backbone is None:
-            backbone = build_backbone(config.backbone.name, config.backbone.weights, device=dev, **config.backbone.options)
+            backbone = build_backbone(
+                config.backbone.name, config.backbone.weights, device=dev, **config.backbone.options
+            )
         if backbone.weights_id != run.meta.get("backbone_weights_id"):
             warnings.warn(
                 f"backbone weights differ from those the run in {run.path} was trained with "
@@ -111,7 +121,9 @@ class Segmenter:
 
     def eval_preprocess(self, data) -> Preprocess:
         """The benchmark transform of ``data`` at this run's test resolution and image interpolation."""
-        return data.eval_preprocess(self.resolution, multiple=self.backbone.stride, interpolation=self.config.test.interpolation)
+        return data.eval_preprocess(
+            self.resolution, multiple=self.backbone.stride, interpolation=self.config.test.interpolation
+        )
 
     # -- the test-time path, on features
     def _embed(self, features: torch.Tensor) -> torch.Tensor:
@@ -146,7 +158,9 @@ class Segmenter:
         return refine_batch(rgb.to(logp.device), logp)
 
     @torch.no_grad()
-    def predict_tensors(self, images: torch.Tensor, *, crf: bool | None = None, probabilities: bool = True) -> Prediction:
+    def predict_tensors(
+        self, images: torch.Tensor, *, crf: bool | None = None, probabilities: bool = True
+    ) -> Prediction:
         """Predictions for a batch of same-sized preprocessed images (B x 3 x H x W float in [0, 1]):
         labels B x H x W, probabilities B x C x H x W (None unless ``probabilities``: they are C times
         the labels' size to copy off the device). Each image's are those it gets alone."""
@@ -281,7 +295,9 @@ class Segmenter:
         return np.asarray(resized)
 
 
-def tiled_embed(embed: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def tiled_embed(
+    embed: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor, grid: tuple[int, int]
+) -> torch.Tensor:
     """Run a fixed-grid head over overlapping windows (stride half a window) covering the whole map,
     averaging overlaps; maps smaller than the window are padded by edge replication and cropped back."""
     gh, gw = grid

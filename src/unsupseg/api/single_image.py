@@ -21,7 +21,6 @@ from .outputs import segment
 from .resolve import AUTO, resolve_config
 from .segmenter import Segmenter, check_max_pixels
 
-
 # K searched by ``segment_image(clusters="auto")``: one photo holds a handful of parts, not 40
 IMAGE_CLUSTERS_RANGE = (2, 12)
 

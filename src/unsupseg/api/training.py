@@ -141,7 +141,9 @@ def _fit(config: RunConfig, impl: Method, params, out: Path, dist, log: Callable
     return Segmenter.from_run(rundir.load(out), backbone=net, resolved=(impl, params))
 
 
-def plan(config: RunConfig, *, cache_dir: str | os.PathLike | None = None, throughput: float | None = None) -> list[str]:
+def plan(
+    config: RunConfig, *, cache_dir: str | os.PathLike | None = None, throughput: float | None = None
+) -> list[str]:
     """What ``fit`` with ``config`` would do, as lines of text; builds no backbone (no weights needed),
     extracts nothing and writes nothing. ``throughput`` (training items per second, e.g. measured by
     benchmarks/bench_paper_scale.py or gpu_check.sh on the target machine) gives a time estimate."""
@@ -154,7 +156,11 @@ def plan(config: RunConfig, *, cache_dir: str | os.PathLike | None = None, throu
     train_data = build_train_dataset(config)
     n = len(train_data)
     base = getattr(train_data, "source", train_data)
-    crops = f"{len(base):,} images x {train_data.per_image} {config.data.crop} crops" if isinstance(train_data, CropView) else f"{n:,} images"
+    crops = (
+        f"{len(base):,} images x {train_data.per_image} {config.data.crop} crops"
+        if isinstance(train_data, CropView)
+        else f"{n:,} images"
+    )
     impl, params = resolve_method(config)
     labelled = has_labels(train_data)
     folder = Path(cache_dir or config.cache_dir or default_cache_dir())
@@ -175,11 +181,15 @@ def plan(config: RunConfig, *, cache_dir: str | os.PathLike | None = None, throu
         caveat = "" if config.data.cache == "never" else {
             "stream": " (unless this entry is already cached)",
             "cache": " (a hit instead, backbone skipped, if this entry is already cached)"}[verdict]
-        lines.append(f"  source: {'stream (backbone on every batch)' if verdict == 'stream' else 'cache'}: {reason}{caveat}")
+        lines.append(
+            f"  source: {'stream (backbone on every batch)' if verdict == 'stream' else 'cache'}: {reason}{caveat}"
+        )
     fplan = impl.plan(params, config.clusters, n, spec.dim, tokens)
     for stage in fplan.stages:
-        lines.append(f"stage {stage.name}: {stage.steps_per_epoch:,} steps per epoch, {stage.total_steps:,} steps in total, "
-                     f"{stage.images_per_step} items per step ({stage.total_steps * stage.images_per_step:,} item reads)")
+        lines.append(
+            f"stage {stage.name}: {stage.steps_per_epoch:,} steps per epoch, {stage.total_steps:,} steps in total, "
+            f"{stage.images_per_step} items per step ({stage.total_steps * stage.images_per_step:,} item reads)"
+        )
     for what, size in fplan.memory:
         lines.append(f"memory: {what}: {gb(size)}")
     lines += [f"note: {note}" for note in fplan.notes]

@@ -27,8 +27,8 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
-from unsupseg.backbones.base import BackboneSpec
 from unsupseg._io import torch_load_plain
+from unsupseg.backbones.base import BackboneSpec
 from unsupseg.errors import WeightsError
 
 WEIGHTS_DIR_ENV = "UNSUPSEG_WEIGHTS_DIR"

@@ -3,6 +3,7 @@
 Labels are H x W int64 arrays with classes 0..C-1 and ignore = -1 (docs/protocols.md §0).
 """
 
+from unsupseg.data.base import FileDataset, Sample, SegDataset
 from unsupseg.data.crops import (
     CROP_KINDS,
     CropBox,
@@ -14,7 +15,6 @@ from unsupseg.data.crops import (
     prepare_crops,
     ten_crop_boxes,
 )
-from unsupseg.data.base import FileDataset, Sample, SegDataset
 from unsupseg.data.datasets import (
     DATASET_NAMES,
     ImageFolder,

@@ -33,7 +33,6 @@ from unsupseg.data.images import (
 from unsupseg.data.labelmaps import IGNORE_INDEX, LabelMap
 from unsupseg.errors import ConfigError, DataError
 
-
 _DOWNLOADS = (
     "fetch it with `unsupseg download {key} --root <root>` (or place the files by hand and run "
     "`unsupseg check-data {key} --root <root>`); sources and layouts: docs/datasets.md"

@@ -107,14 +107,21 @@ def _train(stage: Stage, path: Path | None, dist: Dist, start: int, history: lis
                 seen += int(logs.get("images", 0))
                 rate = seen / max(time.perf_counter() - tic, 1e-9)
                 progress.update(task, advance=1, info=f"loss {logs.get('loss', float('nan')):.4f}  {rate:.1f} img/s")
-                if path is not None and dist.is_main and step % stage.checkpoint_every == 0 and step < stage.total_steps:
+                if (
+                    path is not None
+                    and dist.is_main
+                    and step % stage.checkpoint_every == 0
+                    and step < stage.total_steps
+                ):
                     _save(path, stage, step, done=False)
                 if step >= stage.total_steps or step % stage.steps_per_epoch == 0:
                     break
             if step == epoch * stage.steps_per_epoch + offset:
                 raise RuntimeError(f"stage {stage.name}: epoch {epoch} yielded no batch to train on")
             if step % stage.steps_per_epoch and step < stage.total_steps:
-                raise RuntimeError(f"stage {stage.name}: epoch {epoch} yielded fewer than {stage.steps_per_epoch} batches")
+                raise RuntimeError(
+                    f"stage {stage.name}: epoch {epoch} yielded fewer than {stage.steps_per_epoch} batches"
+                )
     return step
 
 

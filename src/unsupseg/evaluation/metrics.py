@@ -116,7 +116,9 @@ def score(confusion: ConfusionMatrix | np.ndarray, matching: str = "hungarian") 
         mapping = majority_mapping(matrix)
     elif matching == "identity":
         if num_clusters != num_classes:
-            raise ConfigError(f"identity matching needs as many clusters as classes, got {num_clusters} and {num_classes}")
+            raise ConfigError(
+                f"identity matching needs as many clusters as classes, got {num_clusters} and {num_classes}"
+            )
         mapping = np.arange(num_classes)
     else:
         raise ConfigError(f"unknown matching {matching!r}; choose one of {', '.join(MATCHINGS)}")

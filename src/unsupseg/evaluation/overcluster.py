@@ -52,7 +52,9 @@ def overcluster_scores(
     if n == 0 or len(labels) != n:
         raise ConfigError(f"over-clustering needs one label per feature map, got {n} maps and {len(labels)} labels")
     if k < 1 or num_classes < 1 or not seeds:
-        raise ConfigError(f"over-clustering needs k >= 1, num_classes >= 1 and at least one seed, got {k}, {num_classes}, {seeds}")
+        raise ConfigError(
+            f"over-clustering needs k >= 1, num_classes >= 1 and at least one seed, got {k}, {num_classes}, {seeds}"
+        )
     matching = matching or ("hungarian" if k == num_classes else "many-to-one")
     shapes = [tuple(features[i].shape[-2:]) for i in range(n)]
     pca = fit_pca(lambda: (features[i].float().flatten(1).T for i in range(n)), pca_dim)

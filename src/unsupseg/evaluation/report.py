@@ -255,9 +255,12 @@ def _cluster_count_chart(count: dict) -> str:
 # ----------------------------------------------------------------------------- HTML
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1180px;padding:16px 24px;color:#222;background:#fafafa}
-h1{font-size:1.5em;margin:.2em 0 .4em}h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:1.6em}
-nav a{margin-right:14px}table{border-collapse:collapse;margin:8px 0}td,th{padding:3px 10px;border-bottom:1px solid #e3e3e3;text-align:left}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1180px;
+padding:16px 24px;color:#222;background:#fafafa}
+h1{font-size:1.5em;margin:.2em 0 .4em}
+h2{font-size:1.2em;border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:1.6em}
+nav a{margin-right:14px}table{border-collapse:collapse;margin:8px 0}
+td,th{padding:3px 10px;border-bottom:1px solid #e3e3e3;text-align:left}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .swatch{display:inline-block;width:14px;height:14px;border:1px solid #555;vertical-align:middle;margin-right:6px}
 .legend{display:flex;flex-wrap:wrap;gap:6px 18px;font-size:.9em}
@@ -308,7 +311,10 @@ def render_report(data: ReportData) -> str:
     """The HTML document of ``data`` (no file is read or written)."""
     k = data.num_clusters
     if len(data.gallery) != k or len(data.pixel_share) != k:
-        raise ValueError(f"gallery and pixel_share need one entry per cluster ({k}), got {len(data.gallery)} and {len(data.pixel_share)}")
+        raise ValueError(
+            f"gallery and pixel_share need one entry per cluster ({k}), got {len(data.gallery)} and "
+            f"{len(data.pixel_share)}"
+        )
     colours = palette(k)
     metrics = data.metrics
     class_colours = _class_colours(metrics, colours) if metrics is not None else None
@@ -356,7 +362,8 @@ def render_report(data: ReportData) -> str:
         if item.truth is not None and class_colours is not None:
             panels.append(("ground truth", _truth_overlay(item.image, item.truth, class_colours)))
         figures = "".join(
-            f"<figure>{_img(_image_uri(arr), f'{item.name} {what}', cls=what.replace(' ', '-'))}<figcaption>{what}</figcaption></figure>"
+            f"<figure>{_img(_image_uri(arr), f'{item.name} {what}', cls=what.replace(' ', '-'))}"
+            f"<figcaption>{what}</figcaption></figure>"
             for what, arr in panels
         )
         parts.append(f'<div class="card overlay-card"><div class="name">{_esc(item.name)}</div>{figures}</div>')
@@ -403,29 +410,42 @@ def _metrics_section(metrics: dict, colours: np.ndarray, class_colours: np.ndarr
             f'<span class="swatch" style="background:{_rgb(colours[c])}" title="cluster {c}"></span>{c} '
             for c in clusters_of[i]
         ) or '<span class="note">none</span>'
-        rows.append(f'<tr><td>{_esc(name)}</td><td class="num">{"n/a" if value is None else f"{value:.1f}"}</td><td>{swatches}</td></tr>')
+        rows.append(
+            f'<tr><td>{_esc(name)}</td><td '
+            f'class="num">{"n/a" if value is None else f"{value:.1f}"}</td><td>{swatches}</td></tr>'
+        )
     protocols = metrics.get("protocols") or {}
     protocol_rows = [
-        f'<tr><td>{_esc(name)}</td><td class="num">{p["miou"]:.1f}</td><td class="num">{p["pixel_accuracy"]:.1f}</td></tr>'
+        f'<tr><td>{_esc(name)}</td><td class="num">{p["miou"]:.1f}</td><td '
+        f'class="num">{p["pixel_accuracy"]:.1f}</td></tr>'
         for name, p in protocols.items()
     ]
-    protocol_table = (['<table class="protocols"><tr><th>matching protocol</th><th>mIoU %</th><th>pixel accuracy %</th></tr>',
-                       *protocol_rows, "</table>",
-                       '<p class="note">dataset: one Hungarian matching over the split; per-image: a Hungarian '
-                       "matching per image, TP/FP/FN summed over images (DiffCut's protocol); many-to-one: each "
-                       "cluster to its majority class. Per-class figures below: the first protocol.</p>"]
-                      if len(protocols) > 1 else [])
-    return "\n".join([
-        '<h2 id="metrics">Metrics</h2>',
-        f'<p class="note">Whole split ({_esc(where)}); matching {_esc(metrics.get("matching", "?"))}, '
-        f'flip {"on" if metrics.get("flip") else "off"}, CRF {"on" if metrics.get("crf") else "off"}.</p>',
-        '<table class="metrics"><tr><th>pixel accuracy</th><td class="num">'
-        f'{metrics["pixel_accuracy"]:.1f}</td></tr><tr><th>mIoU</th><td class="num">{metrics["miou"]:.1f}</td></tr></table>',
-        *protocol_table,
-        '<table class="per-class"><tr><th>class</th><th>IoU %</th><th>matched cluster(s)</th></tr>',
-        *rows,
-        "</table>",
-        _img(_iou_chart(metrics, class_colours), "per-class IoU bar chart", cls="chart iou-chart"),
-        "<br>",
-        _img(_confusion_chart(metrics), "confusion matrix", cls="chart confusion-chart"),
-    ])
+    protocol_table = (
+        [
+            '<table class="protocols"><tr><th>matching protocol</th><th>mIoU %</th><th>pixel accuracy %</th></tr>',
+            *protocol_rows,
+            "</table>",
+            '<p class="note">dataset: one Hungarian matching over the split; per-image: a Hungarian '
+            "matching per image, TP/FP/FN summed over images (DiffCut's protocol); many-to-one: each "
+            "cluster to its majority class. Per-class figures below: the first protocol.</p>",
+        ]
+        if len(protocols) > 1
+        else []
+    )
+    return "\n".join(
+        [
+            '<h2 id="metrics">Metrics</h2>',
+            f'<p class="note">Whole split ({_esc(where)}); matching {_esc(metrics.get("matching", "?"))}, '
+            f"flip {'on' if metrics.get('flip') else 'off'}, CRF {'on' if metrics.get('crf') else 'off'}.</p>",
+            '<table class="metrics"><tr><th>pixel accuracy</th><td class="num">'
+            f'{metrics["pixel_accuracy"]:.1f}</td></tr><tr><th>mIoU</th><td '
+            f'class="num">{metrics["miou"]:.1f}</td></tr></table>',
+            *protocol_table,
+            '<table class="per-class"><tr><th>class</th><th>IoU %</th><th>matched cluster(s)</th></tr>',
+            *rows,
+            "</table>",
+            _img(_iou_chart(metrics, class_colours), "per-class IoU bar chart", cls="chart iou-chart"),
+            "<br>",
+            _img(_confusion_chart(metrics), "confusion matrix", cls="chart confusion-chart"),
+        ]
+    )

@@ -72,7 +72,9 @@ class FeatureStore:
         if self._labels is None:
             return None
         start, shape = int(self._label_offsets[i]), self.label_shapes[i]
-        return torch.from_numpy(np.asarray(self._labels[start : start + shape[0] * shape[1]]).reshape(shape).astype(np.int64))
+        return torch.from_numpy(
+            np.asarray(self._labels[start : start + shape[0] * shape[1]]).reshape(shape).astype(np.int64)
+        )
 
     def batch(self, indices) -> torch.Tensor:
         """Stack same-shaped maps into B x D x h x w float32."""

@@ -13,7 +13,9 @@ from .cache import FeatureStore
 from .source import open_features
 
 
-def iter_preprocessed(dataset, preprocess, strict: bool = False) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+def iter_preprocessed(
+    dataset, preprocess, strict: bool = False
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
     """Yield ``(id, image 3 x H x W in [0, 1], label or None)``; unreadable images are skipped with a
     warning naming the file unless ``strict``."""
     for i in range(len(dataset)):
@@ -28,7 +30,9 @@ def iter_preprocessed(dataset, preprocess, strict: bool = False) -> Iterator[tup
         yield sample.id, image, label
 
 
-def batched_forward(backbone, images, batch_size: int, flip: bool = False) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+def batched_forward(
+    backbone, images, batch_size: int, flip: bool = False
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
     """Run the backbone over ``(id, image, label)`` items, grouping consecutive same-sized images."""
     device = next(iter(backbone.buffers()), torch.empty(0)).device
     pending: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []

@@ -16,11 +16,11 @@ five CamVid frames) and on a synthetic photo of three regions (docs/segment-imag
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-import dataclasses
 
 from .cluster_count import ClusterCount, estimate_clusters
 from .clustering import spherical_kmeans

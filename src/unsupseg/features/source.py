@@ -122,7 +122,7 @@ class StreamSource:
         return self.shapes[0][0]
 
     def _checked(self, items):
-        for index, item_id, image, label, error in items:
+        for _, item_id, image, label, error in items:
             if error is not None:
                 raise DataError(f"{error} (streamed features cannot skip an image: remove the file, "
                                 "or cache the features with data.cache=always, which skips it)")
@@ -354,5 +354,7 @@ def choose_source(cache: str, estimate: SizeEstimate, max_gb: float, cache_dir: 
     elif estimate.total > free:
         raise DataError(f"data.cache=always: the entry needs {estimate.describe()} but {cache_dir} has "
                         f"{gb(free)} free; free space, set UNSUPSEG_CACHE_DIR, or use data.cache=auto")
-    return "cache", (f"feature cache miss: extracting and caching ({estimate.describe()}; budget data.cache_max_gb={max_gb:g}, "
-                     f"{gb(free)} free)")
+    return "cache", (
+        f"feature cache miss: extracting and caching ({estimate.describe()}; budget data.cache_max_gb={max_gb:g}, "
+        f"{gb(free)} free)"
+    )

@@ -103,9 +103,13 @@ def import_cause(
     net = build_backbone(backbone, backbone_weights or "auto", **(backbone_options or {}))
     f1 = head.get("tr.f1.weight" if tr else "f1.weight")
     if f1 is not None and f1.shape[1] != net.dim:
-        raise CheckpointError(f"{segment}: the head expects {f1.shape[1]}-d tokens but backbone {backbone!r} gives {net.dim}")
+        raise CheckpointError(
+            f"{segment}: the head expects {f1.shape[1]}-d tokens but backbone {backbone!r} gives {net.dim}"
+        )
     if codebook.shape[1] != net.dim:
-        raise CheckpointError(f"{cluster}: 'codebook' has {codebook.shape[1]} columns, backbone {backbone!r} gives {net.dim}-d tokens")
+        raise CheckpointError(
+            f"{cluster}: 'codebook' has {codebook.shape[1]} columns, backbone {backbone!r} gives {net.dim}-d tokens"
+        )
     state = {f"{HEAD}{k}": v for k, v in head.items()}
     state.update(codebook=codebook, cluster_probe=centroids)
     if tr:
@@ -119,23 +123,11 @@ def import_cause(
         resolution = 322 if net.stride == 14 else 320  # docs/methods/cause.md §1.3 test resolutions
     reference = head_from_state(state, Params(), source=str(segment))  # strict load: shapes and keys
     if centroids.shape[1] != (reference.tr.f1 if tr else reference.f1).out_features:
-        raise CheckpointError(f"{cluster}: 'cluster_probe' rows must have the head's output size, got {tuple(centroids.shape)}")
+        raise CheckpointError(
+            f"{cluster}: 'cluster_probe' rows must have the head's output size, got {tuple(centroids.shape)}"
+        )
 
-    params = from_dict(Params, load_preset(method, "default").get("params", {}), "params")
-    params.concepts, params.reduced_dim = codebook.shape[0], centroids.shape[1]
-    if tr:
-        params.tr_ffn_dim = head["tr.linear1.weight"].shape[0]
-    weights = backbone_weights or "auto"
-    if weights not in ("auto", "random"):
-        weights = str(Path(weights).resolve())
-    config = RunConfig(
-        method=method,
-        clusters=centroids.shape[0],
-        backbone=BackboneConfig(name=backbone, weights=weights, options=dict(backbone_options or {})),
-        data=DataConfig(resolution=resolution),
-        test=TestConfig(resolution=resolution, flip=True, crf=True, alpha=3.0),
-        params=to_dict(params),
-    )
+    config = _run_config(method, head, codebook, centroids, resolution, backbone, backbone_weights, backbone_options)
     rundir.prepare(out, config, overwrite=False)
     rundir.save(out, config, state, {
         "backbone": net.name,
@@ -144,6 +136,27 @@ def import_cause(
                           "modular": os.fspath(Path(modular).resolve()) if modular is not None else None},
     })
     return out
+
+
+def _run_config(method: str, head: dict[str, Tensor], codebook: Tensor, centroids: Tensor, resolution: int,
+                backbone: str, backbone_weights: str | None, backbone_options: dict | None) -> RunConfig:
+    """The imported run's config: the method's default params with the files' sizes, the reference's
+    test recipe at ``resolution``."""
+    params = from_dict(Params, load_preset(method, "default").get("params", {}), "params")
+    params.concepts, params.reduced_dim = codebook.shape[0], centroids.shape[1]
+    if "query_pos" in head:
+        params.tr_ffn_dim = head["tr.linear1.weight"].shape[0]
+    weights = backbone_weights or "auto"
+    if weights not in ("auto", "random"):
+        weights = str(Path(weights).resolve())
+    return RunConfig(
+        method=method,
+        clusters=centroids.shape[0],
+        backbone=BackboneConfig(name=backbone, weights=weights, options=dict(backbone_options or {})),
+        data=DataConfig(resolution=resolution),
+        test=TestConfig(resolution=resolution, flip=True, crf=True, alpha=3.0),
+        params=to_dict(params),
+    )
 
 
 def _modular(path: Path, codebook: Tensor) -> Tensor:

@@ -226,7 +226,9 @@ def import_stego(ckpt: Path, out: Path, *, backbone_weights: str | None = None) 
     if _cfg_value(cfg, "dim") not in (None, dim):
         raise CheckpointError(f"{ckpt}: cfg.dim={_cfg_value(cfg, 'dim')} but the head has {dim} channels")
     if new["cluster_probe"].ndim != 2 or new["cluster_probe"].shape[1] != dim:
-        raise CheckpointError(f"{ckpt}: cluster_probe.clusters has shape {tuple(new['cluster_probe'].shape)}, expected K x {dim}")
+        raise CheckpointError(
+            f"{ckpt}: cluster_probe.clusters has shape {tuple(new['cluster_probe'].shape)}, expected K x {dim}"
+        )
     clusters = int(new["cluster_probe"].shape[0])
 
     out.mkdir(parents=True, exist_ok=True)
@@ -242,7 +244,10 @@ def import_stego(ckpt: Path, out: Path, *, backbone_weights: str | None = None) 
     # builds (and strictly checks) the ViT once, for its weights checksum
     net = build_backbone(backbone_name, str(weights_path))
     if net.dim != new["head.cluster1.0.weight"].shape[1]:
-        raise CheckpointError(f"{ckpt}: head expects {new['head.cluster1.0.weight'].shape[1]}-dim features, {backbone_name} gives {net.dim}")
+        raise CheckpointError(
+            f"{ckpt}: head expects {new['head.cluster1.0.weight'].shape[1]}-dim features, {backbone_name} gives "
+            f"{net.dim}"
+        )
 
     config = _run_config(cfg, clusters, backbone_name, weights_path, ckpt)
     digest = hashlib.sha256()

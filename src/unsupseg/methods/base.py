@@ -23,8 +23,8 @@ from ..engine import Dist
 class FitContext:
     config: RunConfig
     params: Any                          # the method's Params instance (typed, resolved once per fit)
-    backbone: nn.Module                  # frozen Backbone
-    features: Callable[..., Any]         # features(resolution=None, flip=False) -> FeatureStore or StreamSource (same reads)
+    backbone: nn.Module  # frozen Backbone
+    features: Callable[..., Any]  # features(resolution=None, flip=False) -> FeatureStore or StreamSource (same reads)
     dataset: Any                         # the training SegDataset (images, labels when known)
     num_classes: int | None              # classes of the labelled data (linear probe only), else None
     dist: Dist

@@ -75,7 +75,9 @@ class Params:
             if getattr(self, name) < 1:
                 raise ConfigError(f"params.{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_size < 2:
-            raise ConfigError(f"params.batch_size must be at least 2 (the random-partner term pairs images), got {self.batch_size}")
+            raise ConfigError(
+                f"params.batch_size must be at least 2 (the random-partner term pairs images), got {self.batch_size}"
+            )
         if self.crop is not None and self.crop < 1:
             raise ConfigError(f"params.crop must be at least 1 or null, got {self.crop}")
         for name in ("lr", "linear_lr", "cluster_lr"):
@@ -231,7 +233,9 @@ class StegoHead(nn.Module):
     (``drop(f)`` with a third mask when ``signal_dropout``). Parameter names match the reference's
     ``net.cluster1`` / ``net.cluster2``."""
 
-    def __init__(self, in_dim: int, dim: int, projection: str = "nonlinear", dropout: float = 0.1, signal_dropout: bool = True):
+    def __init__(
+        self, in_dim: int, dim: int, projection: str = "nonlinear", dropout: float = 0.1, signal_dropout: bool = True
+    ):
         super().__init__()
         if projection not in ("linear", "nonlinear"):
             raise ConfigError(f"params.projection must be 'linear' or 'nonlinear', got {projection!r}")
@@ -353,7 +357,9 @@ def _check(params: Params, n_images: int, shapes, world: int, pool: int) -> None
         raise ConfigError("params.steps, params.feature_samples and params.neg_samples must be positive")
 
 
-def _windows(n: int, shapes: list[tuple[int, int]], crop: int | None, generator: torch.Generator) -> list[tuple[int, int]]:
+def _windows(
+    n: int, shapes: list[tuple[int, int]], crop: int | None, generator: torch.Generator
+) -> list[tuple[int, int]]:
     """Top-left corner of a random crop window in each of n maps (0, 0 without cropping)."""
     if crop is None:
         return [(0, 0)] * n
@@ -411,7 +417,9 @@ def build_training(ctx: FitContext, store, table: torch.Tensor) -> tuple[Stage, 
         model = _Trainable(head, store.dim, params.dim, ctx.config.clusters, num_classes, params.rec_weight > 0,
                            ctx.generator(1)).to(device).train()
     wrapped = dist.wrap(model)
-    head_params = list(model.head.parameters()) + (list(model.decoder.parameters()) if model.decoder is not None else [])
+    head_params = list(model.head.parameters()) + (
+        list(model.decoder.parameters()) if model.decoder is not None else []
+    )
     optimizers = {"head_optimizer": torch.optim.Adam(head_params, lr=params.lr),
                   "cluster_optimizer": torch.optim.Adam([model.cluster_probe], lr=params.cluster_lr)}
     if model.linear_probe is not None:
@@ -463,9 +471,12 @@ def build_training(ctx: FitContext, store, table: torch.Tensor) -> tuple[Stage, 
 
 def plan(params: Params, method: str, clusters: int, n_items: int, dim: int, tokens: int) -> FitPlan:
     per_epoch = max(1, n_items // params.batch_size)
-    return FitPlan([None], [StagePlan("stego", per_epoch, params.steps, params.batch_size)],
-                   [("kNN descriptors (float32)", n_items * dim * 4), ("kNN table (int64)", n_items * params.knn_pool * 8)],
-                   ["one pass over the features for the kNN table, then training"])
+    return FitPlan(
+        [None],
+        [StagePlan("stego", per_epoch, params.steps, params.batch_size)],
+        [("kNN descriptors (float32)", n_items * dim * 4), ("kNN table (int64)", n_items * params.knn_pool * 8)],
+        ["one pass over the features for the kNN table, then training"],
+    )
 
 
 def fit(ctx: FitContext) -> dict[str, torch.Tensor]:
@@ -474,7 +485,8 @@ def fit(ctx: FitContext) -> dict[str, torch.Tensor]:
     table = neighbour_table(ctx, store)
     stage, model = build_training(ctx, store, table)
     ctx.log(
-        f"STEGO: {len(store)} images, {store.dim}-dim features -> {params.dim}-dim code, {ctx.config.clusters} clusters, "
+        f"STEGO: {len(store)} images, {store.dim}-dim features -> {params.dim}-dim code, {ctx.config.clusters} "
+        f"clusters, "
         f"{params.steps} steps of {params.batch_size} images"
         + (f" ({params.crop}x{params.crop} feature crops)" if params.crop else "")
         + (", linear probe on" if model.linear_probe is not None else "")

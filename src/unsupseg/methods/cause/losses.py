@@ -19,7 +19,9 @@ def draw_grid_order(batch: int, grid: tuple[int, int], generator: torch.Generato
     """π: one position in 0..window²-1 per (image, window), uniform and independent (B x n)."""
     h, w = grid
     if h < window or w < window:
-        raise ConfigError(f"a {h}x{w} token grid is smaller than the {window}x{window} sampling window; raise the resolution")
+        raise ConfigError(
+            f"a {h}x{w} token grid is smaller than the {window}x{window} sampling window; raise the resolution"
+        )
     n = (h // window) * (w // window)
     return torch.randint(window * window, (batch, n), generator=generator)
 
@@ -199,7 +201,9 @@ def front_door_terms(
     if bank is None:
         return terms, valid
     entries, entry_concepts = bank
-    row_sums, counts = _pair_terms(anchors @ entries.T, pos_table[a][:, entry_concepts], neg_table[a][:, entry_concepts])
+    row_sums, counts = _pair_terms(
+        anchors @ entries.T, pos_table[a][:, entry_concepts], neg_table[a][:, entry_concepts]
+    )
     bank_terms, bank_valid = _per_image(row_sums, counts, images)
     return torch.stack([terms, bank_terms], 1).flatten(), torch.stack([valid, bank_valid], 1).flatten()
 

@@ -37,8 +37,10 @@ class Params:
     # TR head
     tr_ffn_dim: int = 2048
     tr_heads: int = 1
-    tr_window: int | None = None       # TR: train on a random window of this many tokens per side (None: the whole grid)
-    tr_grid_window: int | None = None  # TR Steps 2-3: grid sub-sampling window (None: grid_window); 2 samples 4x more tokens of a window
+    tr_window: int | None = None  # TR: train on a random window of this many tokens per side (None: the whole grid)
+    tr_grid_window: int | None = (
+        None  # TR Steps 2-3: grid sub-sampling window (None: grid_window); 2 samples 4x more tokens of a window
+    )
     # schedule (§2, §3.3, §4)
     batch_size: int = 16               # images per step (the global batch under torchrun)
     ref_world_size: int = 4            # §7.1: lr = lr * ref_world_size; epoch = N / (batch * ref_world_size) steps
@@ -51,39 +53,54 @@ class Params:
     cluster_epochs: int = 1
     cluster_lr_step_epochs: int = 2    # Step 3 StepLR
     cluster_lr_gamma: float = 0.5
-    cluster_loss: str = "modularity"   # Step 3: modularity (reference scripts) | cosine (the reference's unused STEGO-style loss)
-    cluster_init: str = "uniform"      # Step 3 centroids: uniform U(-1/C, 1/C) (reference) | kmeans++ seeds | kmeans (converged) among teacher outputs
-    cluster_init_restarts: int = 10    # cluster_init kmeans: best of this many seeded runs (scikit-learn's classic n_init)
+    cluster_loss: str = "modularity"
+    # Step 3 centroids: uniform U(-1/C, 1/C) (reference) | kmeans++ seeds | kmeans (converged) among teacher outputs
+    cluster_init: str = "uniform"
+    cluster_init_restarts: int = (
+        10  # cluster_init kmeans: best of this many seeded runs (scikit-learn's classic n_init)
+    )
     mediator_resolution: int | None = None   # Step 1 input size (None: data.resolution)
     train_resolution: int | None = None      # Steps 2-3 input size (None: data.resolution)
     # supervision used for monitoring only (§7.2)
     linear_probe: bool = True          # train the supervised linear probe when the data has labels
-    reference_step3: bool = False      # reproduce the reference's Step 3 label leakage into the teacher head
-    reference_clip: bool = False       # Step 2: clip head, projection and probe by one joint norm (reference) instead of apart
+    reference_step3: bool = False  # reproduce the reference's Step 3 label leakage into the teacher head
+    reference_clip: bool = (
+        False  # Step 2: clip head, projection and probe by one joint norm (reference) instead of apart
+    )
     checkpoint_every: int = 100        # steps between training checkpoints
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in _POSITIVE and value < 1 or f.name in _NON_NEGATIVE and value < 0:
-                raise ConfigError(f"params.{f.name} must be {'positive' if f.name in _POSITIVE else '>= 0'}, got {value!r}")
+                raise ConfigError(
+                    f"params.{f.name} must be {'positive' if f.name in _POSITIVE else '>= 0'}, got {value!r}"
+                )
         if self.cluster_init not in ("uniform", "kmeans++", "kmeans"):
-            raise ConfigError(f"params.cluster_init must be 'uniform', 'kmeans++' or 'kmeans', got {self.cluster_init!r}")
+            raise ConfigError(
+                f"params.cluster_init must be 'uniform', 'kmeans++' or 'kmeans', got {self.cluster_init!r}"
+            )
         if self.cluster_loss not in ("modularity", "cosine"):
             raise ConfigError(f"params.cluster_loss must be 'modularity' or 'cosine', got {self.cluster_loss!r}")
         for name in ("lr", "temperature", "modularity_temperature", "cluster_lr_gamma"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"params.{name} must be positive, got {getattr(self, name)!r}")
         if self.weight_decay < 0 or not 0 <= self.dropout < 1 or not 0 <= self.ema_decay <= 1:
-            raise ConfigError(f"params.weight_decay must be >= 0, params.dropout in [0, 1) and params.ema_decay in [0, 1], "
-                              f"got {self.weight_decay!r}, {self.dropout!r}, {self.ema_decay!r}")
+            raise ConfigError(
+                f"params.weight_decay must be >= 0, params.dropout in [0, 1) and params.ema_decay in [0, 1], "
+                f"got {self.weight_decay!r}, {self.dropout!r}, {self.ema_decay!r}"
+            )
         if not self.feature_scale > 0:
             raise ConfigError(f"params.feature_scale must be positive, got {self.feature_scale!r}")
         if not 0 < self.bank_keep <= 1:
             raise ConfigError(f"params.bank_keep must be in (0, 1], got {self.bank_keep!r}")
         if self.neg_threshold > self.pos_threshold:
-            raise ConfigError(f"params.neg_threshold ({self.neg_threshold}) must not exceed pos_threshold ({self.pos_threshold})")
+            raise ConfigError(
+                f"params.neg_threshold ({self.neg_threshold}) must not exceed pos_threshold ({self.pos_threshold})"
+            )
         if self.tr_grid_window is not None and self.tr_grid_window < 1:
             raise ConfigError(f"params.tr_grid_window must be positive, got {self.tr_grid_window!r}")
         if self.tr_window is not None and self.tr_window < self.grid_window:
-            raise ConfigError(f"params.tr_window ({self.tr_window}) must be at least params.grid_window ({self.grid_window})")
+            raise ConfigError(
+                f"params.tr_window ({self.tr_window}) must be at least params.grid_window ({self.grid_window})"
+            )

@@ -7,7 +7,6 @@ trained on), and ``linear.weight/bias`` (supervised monitoring probe, unused for
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ...errors import CheckpointError
@@ -47,7 +46,9 @@ def head_from_state(state: dict[str, Tensor], params: Params, source: str = "the
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
         names = [f"missing {HEAD}{k}" for k in missing] + [f"unexpected {HEAD}{k}" for k in unexpected]
-        raise CheckpointError(f"{source} does not hold a CAUSE {'TR' if is_tr(state) else 'MLP'} head: {', '.join(names)}")
+        raise CheckpointError(
+            f"{source} does not hold a CAUSE {'TR' if is_tr(state) else 'MLP'} head: {', '.join(names)}"
+        )
     for key, value in expected.items():
         if weights[key].shape != value.shape:
             raise CheckpointError(

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ...engine import Dist, GeneratorState, Stage, run_stage
 from ...errors import ConfigError
 from ...features.clustering import spherical_kmeans
+from ..base import FitPlan, StagePlan
 from .bank import ConceptBank
 from .heads import MLPHead, ProjectionHead, TRHead, ema_update, make_teacher
 from .losses import (
@@ -35,7 +36,6 @@ from .losses import (
     probe_loss,
     sample_grid,
 )
-from ..base import FitPlan, StagePlan
 from .params import Params
 
 VARIANTS = {"cause-mlp": "mlp", "cause-tr": "tr"}
@@ -92,7 +92,9 @@ class WindowSource:
         features = torch.stack([f[:, y : y + wh, x : x + ww] for f, y, x in zip(features, top, left)])
         if labels is not None:
             sy, sx = labels.shape[-2] // h, labels.shape[-1] // w
-            labels = torch.stack([l[y * sy : (y + wh) * sy, x * sx : (x + ww) * sx] for l, y, x in zip(labels, top, left)])
+            labels = torch.stack(
+                [lab[y * sy : (y + wh) * sy, x * sx : (x + ww) * sx] for lab, y, x in zip(labels, top, left)]
+            )
         return features, labels
 
 
@@ -170,7 +172,9 @@ class Mediator(nn.Module):
 
     def __init__(self, concepts: int, dim: int, generator: torch.Generator, temperature: float):
         super().__init__()
-        self.codebook = nn.Parameter(torch.empty(concepts, dim).uniform_(-1 / concepts, 1 / concepts, generator=generator))
+        self.codebook = nn.Parameter(
+            torch.empty(concepts, dim).uniform_(-1 / concepts, 1 / concepts, generator=generator)
+        )
         self.temperature = temperature
 
     def forward(self, x: Tensor) -> Tensor:
@@ -233,7 +237,9 @@ class Student(nn.Module):
 
 def build_head(variant: str, dim: int, params: Params, codebook: Tensor, grid: tuple[int, int]) -> nn.Module:
     if variant == "tr":
-        return TRHead(dim, params.reduced_dim, codebook, grid[0] * grid[1], params.tr_ffn_dim, params.tr_heads, params.dropout)
+        return TRHead(
+            dim, params.reduced_dim, codebook, grid[0] * grid[1], params.tr_ffn_dim, params.tr_heads, params.dropout
+        )
     return MLPHead(dim, params.reduced_dim, params.dropout)
 
 
@@ -268,7 +274,9 @@ def front_door_stage(
     head_t, proj_t = make_teacher(student.head), make_teacher(student.projection)
     model = dist.wrap(student)
     student.train(), head_t.train(), proj_t.train()  # teacher dropout is on during training (§7.11)
-    optimizer = torch.optim.Adam(student.parameters(), lr=params.lr * params.ref_world_size, weight_decay=params.weight_decay)
+    optimizer = torch.optim.Adam(
+        student.parameters(), lr=params.lr * params.ref_world_size, weight_decay=params.weight_decay
+    )
     bank = ConceptBank(params.concepts, params.bank_size, params.projection_dim, params.bank_keep, device)
     unit = F.normalize(codebook, dim=1)
     concept_cos = unit @ unit.T
@@ -344,7 +352,9 @@ class ClusterModel(nn.Module):
         super().__init__()
         self.head = head
         r = params.reduced_dim
-        self.centroids = nn.Parameter(torch.empty(clusters, r).uniform_(-1 / clusters, 1 / clusters, generator=generator))
+        self.centroids = nn.Parameter(
+            torch.empty(clusters, r).uniform_(-1 / clusters, 1 / clusters, generator=generator)
+        )
         self.linear = probe
         self.reference = reference
         self.temperature = params.modularity_temperature
@@ -397,12 +407,21 @@ def seed_centroids(source, head: nn.Module, clusters: int, params: Params, gener
     head.train(training)
     x = F.normalize(torch.cat(samples).flatten(0, 1).cpu(), dim=1)
     if params.cluster_init == "kmeans":
-        return spherical_kmeans(x, clusters, generator, restarts=params.cluster_init_restarts, iterations=100).to(device)
+        return spherical_kmeans(x, clusters, generator, restarts=params.cluster_init_restarts, iterations=100).to(
+            device
+        )
     return spherical_kmeans(x, clusters, generator, restarts=1, iterations=0).to(device)
 
 
 def cluster_stage(
-    source, head_teacher: nn.Module, probe: nn.Module | None, clusters: int, params: Params, dist: Dist, seed: int, device
+    source,
+    head_teacher: nn.Module,
+    probe: nn.Module | None,
+    clusters: int,
+    params: Params,
+    dist: Dist,
+    seed: int,
+    device,
 ) -> tuple[Stage, ClusterModel]:
     source, window_state = windowed(source, isinstance(head_teacher, TRHead), params, seed * 1000 + 33)
     window, grid = sampling_window(params, isinstance(head_teacher, TRHead)), source.grid
@@ -443,7 +462,12 @@ def cluster_stage(
             optimizer.step()
         return {"loss": loss.item(), "cluster": loss_clu.item(), "probe": loss_probe.item(), "images": len(batch)}
 
-    state = {"cluster": cluster, "centroids_optimizer": opt_centroids, "order": GeneratorState(order_gen), **window_state}
+    state = {
+        "cluster": cluster,
+        "centroids_optimizer": opt_centroids,
+        "order": GeneratorState(order_gen),
+        **window_state,
+    }
     if opt_segment is not None:
         state["segment_optimizer"] = opt_segment
     stage = Stage("cause-step3-cluster", schedule.total, schedule.steps_per_epoch, schedule.batches(len(source)), step,
@@ -477,7 +501,9 @@ def run_cause(
     run_stage(stage, checkpoint_dir, dist, log)
     log(f"CAUSE step 2 done: bank holds {int(front.bank.length.sum())} entries")
 
-    stage, cluster = cluster_stage(train_source, front.head_teacher, front.student.linear, clusters, params, dist, seed, device)
+    stage, cluster = cluster_stage(
+        train_source, front.head_teacher, front.student.linear, clusters, params, dist, seed, device
+    )
     run_stage(stage, checkpoint_dir, dist, log)
 
     state = {f"head_ema.{k}": v.detach().cpu() for k, v in front.head_teacher.state_dict().items()}
@@ -493,8 +519,11 @@ def run_cause(
 
 def plan(params: Params, method: str, clusters: int, n_items: int, dim: int, tokens: int) -> FitPlan:
     stages = []
-    for name, epochs in (("cause-step1-clusterbook", params.mediator_epochs), ("cause-step2-front-door", params.head_epochs),
-                         ("cause-step3-cluster", params.cluster_epochs)):
+    for name, epochs in (
+        ("cause-step1-clusterbook", params.mediator_epochs),
+        ("cause-step2-front-door", params.head_epochs),
+        ("cause-step3-cluster", params.cluster_epochs),
+    ):
         schedule = make_schedule(params, n_items, epochs, 0)
         stages.append(StagePlan(name, schedule.steps_per_epoch, schedule.total, params.batch_size))
     bank = params.concepts * params.bank_size * params.projection_dim * 4

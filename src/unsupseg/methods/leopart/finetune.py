@@ -24,7 +24,6 @@ import os
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -40,8 +39,8 @@ from ...config import dump_yaml, from_dict, load_yaml, to_dict
 from ...data import ImageFolder
 from ...engine import Dist, GeneratorState, Stage, init_distributed, run_stage
 from ...errors import ConfigError, RunDirError
-from .saliency import mass_foreground
 from .params import FinetuneParams
+from .saliency import mass_foreground
 from .views import collate, make_views
 
 LOSS_MASKS = ("fg", "bg", "all")
@@ -64,14 +63,24 @@ def check_params(p: FinetuneParams, patch: int) -> None:
             raise ConfigError(f"{name} must be [low, high] with 0 < low <= high, got {getattr(p, name)}")
     if p.epsilon <= 0 or p.temperature <= 0:
         raise ConfigError(f"epsilon and temperature must be > 0, got {p.epsilon}, {p.temperature}")
-    for name in ("num_prototypes", "projection_dim", "hidden_dim", "roi_size", "sinkhorn_iterations", "workers", "checkpoint_every"):
+    for name in (
+        "num_prototypes",
+        "projection_dim",
+        "hidden_dim",
+        "roi_size",
+        "sinkhorn_iterations",
+        "workers",
+        "checkpoint_every",
+    ):
         if getattr(p, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(p, name)}")
     for name in ("lr_backbone", "lr_head", "weight_decay_start", "weight_decay_end"):
         if getattr(p, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(p, name)}")
     if not 0 <= p.momentum_start <= 1 or not 0 <= p.drop_path < 1:
-        raise ConfigError(f"momentum_start must be in [0, 1] and drop_path in [0, 1), got {p.momentum_start}, {p.drop_path}")
+        raise ConfigError(
+            f"momentum_start must be in [0, 1] and drop_path in [0, 1), got {p.momentum_start}, {p.drop_path}"
+        )
     if p.queue_length < 0 or not 0 < p.mask_mass <= 1:
         raise ConfigError(f"queue_length must be >= 0 and mask_mass in (0, 1], got {p.queue_length}, {p.mask_mass}")
 
@@ -81,7 +90,9 @@ class _Prefetcher:
     are asked for get loaded (a resumed epoch skips its finished batches for free); each image draws
     from its own seeded RNG, so the result does not depend on thread scheduling."""
 
-    def __init__(self, load: Callable[[list[int]], dict], batches: list[list[int]], pool: ThreadPoolExecutor, depth: int):
+    def __init__(
+        self, load: Callable[[list[int]], dict], batches: list[list[int]], pool: ThreadPoolExecutor, depth: int
+    ):
         self.load, self.batches, self.pool, self.depth = load, batches, pool, depth
         self.futures: dict = {}
 
@@ -174,7 +185,9 @@ def align(maps: Tensor, boxes: Tensor, size: int) -> Tensor:
     """RoI-Align (aligned, adaptive sampling) of B x C x h x w maps with B x R x 4 boxes in token
     units -> B x R x C x size x size (image-major)."""
     b, r = boxes.shape[:2]
-    out = roi_align(maps, list(boxes.to(maps.dtype)), output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    out = roi_align(
+        maps, list(boxes.to(maps.dtype)), output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
+    )
     return out.reshape(b, r, *out.shape[1:])
 
 
@@ -398,9 +411,15 @@ def _prepare_out(out: Path, settings: dict, overwrite: bool, weights_file: Path)
         if overwrite:
             _discard(out)
         elif weights_file.exists():
-            raise RunDirError(f"{out} already holds a finished fine-tuning ({weights_file.name}); pass overwrite / --overwrite or choose another --out")
+            raise RunDirError(
+                f"{out} already holds a finished fine-tuning ({weights_file.name}); "
+                "pass overwrite / --overwrite or choose another --out"
+            )
         elif load_yaml(out / CONFIG) != settings:
-            raise RunDirError(f"{out} holds an unfinished fine-tuning with other settings; pass overwrite / --overwrite or choose another --out")
+            raise RunDirError(
+                f"{out} holds an unfinished fine-tuning with other settings; "
+                "pass overwrite / --overwrite or choose another --out"
+            )
         else:
             return
     out.mkdir(parents=True, exist_ok=True)
@@ -435,8 +454,9 @@ def finetune(
     under ``images``; returns ``<out>/<backbone>-leopart.safetensors`` (student ViT, timm names).
 
     ``epochs`` x (images // batch_size) steps, or exactly ``steps`` when given (the schedules span
-    them). ``batch_size`` None: the reference's effective batch (``reference_batch_size``). ``params`` are FinetuneParams fields (num_prototypes=300, loss_mask="fg", lr_backbone=1e-5,
-    seed=400, workers=4, ...); ``device`` auto | cpu | cuda[:N].
+    them). ``batch_size`` None: the reference's effective batch (``reference_batch_size``). ``params``
+    are FinetuneParams fields (num_prototypes=300, loss_mask="fg", lr_backbone=1e-5, seed=400,
+    workers=4, ...); ``device`` auto | cpu | cuda[:N].
     """
     log = log or print
     p = from_dict(FinetuneParams, params, "finetune")

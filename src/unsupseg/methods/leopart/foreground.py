@@ -63,7 +63,9 @@ def _attention_maps(ctx: FitContext, dataset, prep: Preprocess, store) -> list[T
         return [m[0].float() for _, m, _ in items()]
     cache = open_or_build(cfg.cache_dir or default_cache_dir(), fields, items)
     if cache.ids != store.ids:
-        raise DataError(f"the attention maps in {cache.path} do not cover the same images as the features in {store.path}")
+        raise DataError(
+            f"the attention maps in {cache.path} do not cover the same images as the features in {store.path}"
+        )
     return [cache[i][0].float() for i in range(len(cache))]
 
 
@@ -72,7 +74,9 @@ def precomputed_foreground(folder: str | Path, split: str, n: int) -> list[Tenso
     non-zero = foreground, images in the split's order), read without unpickling code."""
     path = Path(folder) / f"attn_dino_{split}.pt"
     if not path.is_file():
-        raise DataError(f"{path} does not exist (params.saliency=precomputed reads attn_dino_{{split}}.pt from params.saliency_dir)")
+        raise DataError(
+            f"{path} does not exist (params.saliency=precomputed reads attn_dino_{{split}}.pt from params.saliency_dir)"
+        )
     try:
         masks = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:   # pickle, zip or storage errors of torch.load
@@ -129,6 +133,8 @@ def cbfe(ctx: FitContext, store, p: Params, tokens: Tensor, shapes: list[tuple[i
     tau = cbfe_tau(ctx, p, scores, small, store)
     fg_set = scores >= tau
     if not fg_set.any():
-        raise ConfigError(f"CBFE: no cluster scores >= {tau:.3f} (max {float(scores.max()):.3f}); lower params.cbfe_threshold")
+        raise ConfigError(
+            f"CBFE: no cluster scores >= {tau:.3f} (max {float(scores.max()):.3f}); lower params.cbfe_threshold"
+        )
     masks = [fg_set[m] for m in cluster_maps]
     return masks, centroids, fg_set, scores, tau

@@ -51,7 +51,9 @@ def round_to_step(value: float, step: float = 0.05, top: float = 0.95) -> float:
     return float(grid[np.abs(grid - value).argmin()])
 
 
-def reference_threshold(scores: Tensor, cluster_maps: Sequence[Tensor], gt_foreground: Sequence[Tensor]) -> tuple[float, int]:
+def reference_threshold(
+    scores: Tensor, cluster_maps: Sequence[Tensor], gt_foreground: Sequence[Tensor]
+) -> tuple[float, int]:
     """(tau, best cut) of the reference (uses labels): the cut whose foreground best matches the
     ground truth (mean IoU over images), tau = its sorted score rounded to a multiple of 0.05."""
     order = scores.argsort()
@@ -172,7 +174,10 @@ def community_backend(requested: str) -> str:
     """The installed backend for ``requested`` (auto: Infomap, else networkx Louvain)."""
     import importlib.util
 
-    have = {name: importlib.util.find_spec(mod) is not None for name, mod in (("infomap", "infomap"), ("louvain", "networkx"))}
+    have = {
+        name: importlib.util.find_spec(mod) is not None
+        for name, mod in (("infomap", "infomap"), ("louvain", "networkx"))
+    }
     if requested == "auto":
         for name in ("infomap", "louvain"):
             if have[name]:

@@ -50,8 +50,17 @@ class Params:
 
 
 def _check(p: Params) -> None:
-    for name in ("pca_dim", "k_fg", "k_cd", "map_size", "trials", "kmeans_iterations", "kmeans_restarts", "points_per_centroid",
-                 "runs"):
+    for name in (
+        "pca_dim",
+        "k_fg",
+        "k_cd",
+        "map_size",
+        "trials",
+        "kmeans_iterations",
+        "kmeans_restarts",
+        "points_per_centroid",
+        "runs",
+    ):
         if getattr(p, name) < 1:
             raise ConfigError(f"params.{name} must be >= 1, got {getattr(p, name)}")
     for name, value, options in (("foreground", p.foreground, FOREGROUNDS), ("saliency", p.saliency, SALIENCIES),

@@ -25,7 +25,9 @@ class LeopartPredictor(Predictor):
         super().__init__()
         table = state["communities"].long()
         if int(table.max()) >= num_clusters:
-            raise ConfigError(f"the run's community table uses {int(table.max()) + 1} labels, more than clusters={num_clusters}")
+            raise ConfigError(
+                f"the run's community table uses {int(table.max()) + 1} labels, more than clusters={num_clusters}"
+            )
         self.num_clusters = num_clusters
         for name in ("pca_mean", "pca_std", "pca_components", "fg_centroids", "cd_centroids"):
             self.register_buffer(name, state[name].float())

@@ -47,7 +47,9 @@ def remove_small_components(mask: np.ndarray, max_size: int = 2) -> np.ndarray:
     return mask & ~small[labels]
 
 
-def mass_foreground(saliency: Tensor, mass: float, kernel: int = 7, sigma: float = 0.6, max_component: int = 2) -> Tensor:
+def mass_foreground(
+    saliency: Tensor, mass: float, kernel: int = 7, sigma: float = 0.6, max_component: int = 2
+) -> Tensor:
     """Foreground (B x h x w bool) of B x h x w non-negative saliency maps, spec §1.4."""
     if not 0.0 < mass <= 1.0:
         raise ValueError(f"saliency mass must be in (0, 1], got {mass}")

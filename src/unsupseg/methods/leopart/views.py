@@ -45,13 +45,15 @@ def _intersection(a, b) -> float:
 _MAX_TRIES = 1000   # Ref retries forever; a pathological image gets its last draw instead of hanging
 
 
-def sample_crop_boxes(width: int, height: int, p: FinetuneParams, rng: np.random.Generator) -> list[tuple[int, int, int, int]]:
+def sample_crop_boxes(
+    width: int, height: int, p: FinetuneParams, rng: np.random.Generator
+) -> list[tuple[int, int, int, int]]:
     """G global then L local boxes: every further global crop overlaps each earlier one, and every
     local crop each global one, by more than the integer-truncated share of the image area."""
     global_min = int(p.global_overlap * width * height)
     local_min = int(p.local_overlap * width * height)
     boxes = []
-    for g in range(p.num_global):
+    for _ in range(p.num_global):
         for _ in range(_MAX_TRIES):
             box = sample_rrc_box(width, height, p.global_scale, p.ratio, rng)
             if all(_intersection(box, other) > global_min for other in boxes):
