@@ -28,7 +28,7 @@ def evaluate_leopart_reference(
     split: str = "val",
     json_path: str | os.PathLike | None = None,
 ) -> dict:
-    """Leopart's fully unsupervised protocol (spec leopart.md §2.8-2.9) on a run fitted with
+    """Leopart's fully unsupervised protocol (docs/methods/leopart.md §2.8-2.9) on a run fitted with
     ``params.protocol=reference``: the split's labels at map_size x map_size (its own foreground
     clusters, nearest-replicated pixels), one community table per Infomap seed, ground truth
     nearest-resized to map_size, Leopart's IoU-based Hungarian matching; mean and population std

@@ -244,7 +244,7 @@ def evaluate_overcluster(
     seeds: Sequence[int] = (0, 1, 2, 3, 4),
     json_path: str | os.PathLike | None = None,
 ) -> dict:
-    """Over-clustering protocol (Leopart, benchmarks.md 6.4) on the run's backbone features of a split:
+    """Over-clustering protocol (Leopart, docs/protocols.md §6.4) on the run's backbone features of a split:
     standardise, PCA 50, k-means with each K, many-to-one matching; mean and std over seeds."""
     from ..evaluation.overcluster import overcluster_scores
 

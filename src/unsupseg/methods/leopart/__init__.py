@@ -1,5 +1,5 @@
 """Leopart's fully unsupervised segmentation: CBFE + foreground over-clustering + community detection
-(spec leopart.md §2), on the frozen features of any backbone.
+(docs/methods/leopart.md §2), on the frozen features of any backbone.
 
 Fit, on the training features only:
 1. standardise + PCA (``pca_dim``) of all tokens;

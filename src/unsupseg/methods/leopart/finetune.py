@@ -1,4 +1,4 @@
-"""Leopart fine-tuning of a ViT backbone (spec leopart.md §1), on the shared training engine.
+"""Leopart fine-tuning of a ViT backbone (docs/methods/leopart.md §1), on the shared training engine.
 
 Per image: V = G global + L local crops with overlap constraints (§1.2); the EMA teacher scores the
 global crops' tokens against K prototypes, Sinkhorn-Knopp turns them (with a queue of earlier
