@@ -1,6 +1,6 @@
 """segment-image on five CamVid val frames, scored per image, beside a dataset-trained run.
 
-    python benchmarks/segment_image_camvid.py --root ../shared/data/camvid --run runs/cause-mlp-s0 \
+    python benchmarks/segment_image_camvid.py --root DATA/camvid --run runs/cause-mlp-s0 \
         --out outputs/segment-image-camvid [--clusters auto|N] [--resolution 360]
 
 Five frames spread over the val split (its frames come from video sequences): each is partitioned

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.11) with unsupseg and its test/demo extras, once; later calls are no-ops until
-# pyproject.toml changes. What only the tests need (chromium, pydensecrf2) scripts/test.sh adds. torch and
+# Create .venv (Python 3.11) with unsupseg and its demo extras, once; later calls are no-ops until
+# pyproject.toml changes. What only the tests need (test extras, chromium, pydensecrf2, datumaro) scripts/test.sh adds. torch and
 # torchvision are pinned to the releases that install offline on the project machines; pip takes them from
 # its local index there.
 set -euo pipefail
@@ -16,5 +16,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q -e ".[dev,demo,leopart]"
+.venv/bin/python -m pip install -q -e ".[demo,leopart]"
 echo "$want" > "$stamp"

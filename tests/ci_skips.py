@@ -1,12 +1,12 @@
 """Under CI=true, a skip of a test that must run in CI is a failure: the browser check of the report
-(chromium), the real-data tests (CamVid) and the CRF agreement tests (pydensecrf2). A missing install
-there would otherwise pass silently. Other skips (no CUDA device) stay skips."""
+(chromium), the real-data tests (CamVid), the CRF agreement tests (pydensecrf2) and the CVAT read-back
+(datumaro). A missing install there would otherwise pass silently. Other skips (no CUDA device) stay skips."""
 
 import os
 
 import pytest
 
-REQUIRED_IN_CI = ("chromium", "CamVid", "pydensecrf2")
+REQUIRED_IN_CI = ("chromium", "CamVid", "pydensecrf2", "datumaro")
 
 
 @pytest.hookimpl(hookwrapper=True)

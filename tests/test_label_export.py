@@ -17,7 +17,7 @@ from unsupseg import labels as labels_file
 from unsupseg.errors import ConfigError
 
 UNSUPSEG = Path(sys.executable).parent / "unsupseg"
-DM_PYTHON = Path(os.environ.get("UNSUPSEG_DATUMARO_PYTHON", "/tmp/dm-venv/bin/python"))
+DM_PYTHON = Path(os.environ.get("UNSUPSEG_DATUMARO_PYTHON", "/tmp/dm-venv/bin/python"))   # scripts/test.sh sets it
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
