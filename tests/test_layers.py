@@ -18,7 +18,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "unsupseg"
 RANKS = {
     "errors": 0, "_io": 0, "_progress": 0, "config": 0, "rundir": 1, "labels": 1,
     "backbones": 2, "data": 3, "features": 4, "engine": 5, "methods": 6, "importers": 7,
-    "postprocess": 8, "evaluation": 9, "exporters": 9.5, "api": 10, "reporting": 11, "demo": 12, "cli": 13,
+    "postprocess": 8, "evaluation": 9, "exporters": 9.5, "api": 10, "reporting": 11, "demo": 12,
+    "cli_text": 13, "cli": 13,
 }
 
 

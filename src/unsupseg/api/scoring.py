@@ -122,10 +122,7 @@ def evaluate(
     if merged is None:
         merged = labels_file.identity(seg.num_clusters)
     prep = seg.eval_preprocess(data)
-    kwargs = dict(cache_dir=config.cache_dir, batch_size=config.batch_size, strict=True)
-    store = extract_features(seg.backbone, data, prep, description=f"{split} features", **kwargs)
-    flipped = extract_features(seg.backbone, data, prep, flip=True, description=f"{split} flipped", **kwargs) \
-        if flip else None
+    store, flipped = _split_features(seg, data, prep, split, flip)
     chunks = same_shape_chunks(store, batch_size or seg.batch_size)
     confusion, per_image = _confusion(seg, data, prep, store, flipped, crf, chunks, f"evaluating {dataset}/{split}",
                                       merged)
@@ -147,22 +144,29 @@ def evaluate(
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(report, indent=2))
     if seg.path is not None:
-        key = f"metrics_{dataset}_{split}{'_linear' if probe == 'linear' else ''}{'_crf' if crf else ''}"
-        key += "_labels" if "labels" in report else ""
-        rundir.update_meta(
-            seg.path,
-            **{
-                key: {
-                    "pixel_accuracy": report["pixel_accuracy"],
-                    "miou": report["miou"],
-                    "matching": protocols[0],
-                    "protocols": {
-                        name: {k: p[k] for k in ("pixel_accuracy", "miou")} for name, p in report["protocols"].items()
-                    },
-                }
-            },
-        )
+        _record_metrics(seg.path, report, protocols)
     return report
+
+
+def _split_features(seg: Segmenter, data, prep, split: str, flip: bool):
+    """The split's cached features, and those of the flipped images when ``flip`` (else None)."""
+    kwargs = dict(cache_dir=seg.config.cache_dir, batch_size=seg.config.batch_size, strict=True)
+    store = extract_features(seg.backbone, data, prep, description=f"{split} features", **kwargs)
+    if not flip:
+        return store, None
+    return store, extract_features(seg.backbone, data, prep, flip=True, description=f"{split} flipped", **kwargs)
+
+
+def _record_metrics(path, report: dict, protocols: list[str]) -> None:
+    """The scores of ``report`` in the run's meta.json, under a key naming the split, probe, CRF and labels."""
+    key = (f"metrics_{report['dataset']}_{report['split']}{'_linear' if report['probe'] == 'linear' else ''}"
+           f"{'_crf' if report['crf'] else ''}{'_labels' if 'labels' in report else ''}")
+    rundir.update_meta(path, **{key: {
+        "pixel_accuracy": report["pixel_accuracy"],
+        "miou": report["miou"],
+        "matching": protocols[0],
+        "protocols": {name: {k: p[k] for k in ("pixel_accuracy", "miou")} for name, p in report["protocols"].items()},
+    }})
 
 
 def _scored(seg: Segmenter, probe: str, matching, dataset: str, num_classes: int,
