@@ -26,13 +26,13 @@ def worker(rank: int, world: int, folder: str) -> None:
         import unsupseg.api.outputs as outputs
 
         opened = []
-        real = outputs.atomic_path
+        real = outputs.atomic_write_image
 
-        def spy(path):   # every file this process writes goes through atomic_path
+        def spy(path, image, **save_args):   # every mask, overlay and confidence map goes through it
             opened.append(str(path))
-            return real(path)
+            return real(path, image, **save_args)
 
-        outputs.atomic_path = spy
+        outputs.atomic_write_image = spy
         root = Path(folder)
         returned = api.segment(root / "run", [root / "photos"], root / "ddp", batch_size=2)
         (root / f"rank{rank}.json").write_text(json.dumps({"opened": opened, "returned": [str(p) for p in returned]}))
