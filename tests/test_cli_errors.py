@@ -195,3 +195,23 @@ def test_fit_does_not_train_on_segment_outputs_in_a_subfolder(run, tmp_path):
     masks = tmp_path / "photos" / "masks"
     assert result.stderr.splitlines() == [f"warning: skipping 6 mask/overlay file(s) in {masks}: "
                                           "a segment output folder, not photos"]
+
+
+# --- concurrent writers --------------------------------------------------------------------------------
+
+def test_a_second_fit_into_a_run_folder_being_written_is_refused_naming_the_first(run, tmp_path):
+    from unsupseg import rundir
+
+    out = tmp_path / "new"
+    fit = ["fit", "--method", "kmeans", "--images", run.parent / "imgs", "--out", out, "--clusters", "3",
+           "--backbone", "efficientnet_lite0", "--set", "data.resolution=48", "--set", "params.restarts=1",
+           "--set", f"cache_dir={run.parent / 'cache'}"]
+    with rundir.writing(out):    # this process plays the first fit
+        message = one_error(cli(*fit))
+        assert message == (f"{out} is being written by another fit (process {os.getpid()}); "
+                           "wait for it to finish or choose another --out")
+        assert [p.name for p in out.iterdir()] == [rundir.LOCK]
+    assert not out.exists()      # the folder the lock made goes with it when nothing was written
+    result = cli(*fit)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "meta.json", "weights.safetensors"]

@@ -9,9 +9,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +32,7 @@ CONFIG = "config.yaml"
 WEIGHTS = "weights.safetensors"
 META = "meta.json"
 CHECKPOINTS = "checkpoints"
+LOCK = ".unsupseg-fit.lock"   # held while a fit writes the folder; removed when it ends
 
 
 def _sha256(path: Path) -> str:
@@ -65,6 +70,54 @@ def is_run_dir(path: Path) -> bool:
     return {"version", "method", "backbone", "data", "params"} <= data.keys()
 
 
+def _holds_files(path: Path) -> bool:
+    return any(p.name != LOCK for p in path.iterdir())
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Hold the run directory ``path`` (made if missing) for one fit; a second fit into it meanwhile is
+    refused, naming the first's process. flock is released by the kernel however its holder exits, so a
+    killed fit leaves no stale lock. On the way out the lock file goes, and the folder too when this call
+    made it and nothing else was written into it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"run directory {path} exists and is not a folder; choose another --out")
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / LOCK
+    try:
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip()
+                os.close(fd)
+                raise RunDirError(
+                    f"{path} is being written by another fit (process {holder or 'unknown'}); wait for it to "
+                    "finish or choose another --out"
+                ) from None
+            try:   # the previous holder may have removed the file between our open and our flock
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:   # a full disk: the lock holds all the same, only the message loses the PID
+            pass
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+            os.close(fd)
+    finally:
+        if created and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
 def has_checkpoints(path: Path) -> bool:
     folder = Path(path) / CHECKPOINTS
     return folder.is_dir() and any(folder.iterdir())
@@ -90,7 +143,7 @@ def prepare(path: Path, config: RunConfig, overwrite: bool) -> bool:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"run directory {path} exists and is not a folder; choose another --out")
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and _holds_files(path):
         if not is_run_dir(path):
             raise RunDirError(
                 f"{path} is not empty and is not a run directory (no unsupseg {CONFIG}); --overwrite only "
@@ -115,7 +168,7 @@ def prepare(path: Path, config: RunConfig, overwrite: bool) -> bool:
         path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path / CONFIG, dump_yaml(to_dict(config)))
     except (OSError, OutputError) as err:
-        if created and path.is_dir() and not any(path.iterdir()):   # a full disk leaves no empty run folder
+        if created and path.is_dir() and not _holds_files(path):   # a full disk leaves no empty run folder
             path.rmdir()
         if isinstance(err, OutputError):
             raise
@@ -123,15 +176,13 @@ def prepare(path: Path, config: RunConfig, overwrite: bool) -> bool:
     return False
 
 
-def abandon(path: Path, created: bool) -> None:
-    """After a fit failed: remove what it wrote when no checkpoint is there to resume from, and the
-    folder itself when this fit created it and it is empty again."""
+def abandon(path: Path) -> None:
+    """After a fit failed: remove what it wrote when no checkpoint is there to resume from (the folder
+    itself goes with the lock of ``writing`` when that made it)."""
     path = Path(path)
     if not path.is_dir() or has_checkpoints(path) or is_complete(path):
         return
     discard(path)
-    if created and not any(path.iterdir()):
-        path.rmdir()
 
 
 def save(path: Path, config: RunConfig, state: dict[str, torch.Tensor], meta: dict) -> None:
