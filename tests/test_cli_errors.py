@@ -215,3 +215,38 @@ def test_a_second_fit_into_a_run_folder_being_written_is_refused_naming_the_firs
     result = cli(*fit)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "meta.json", "weights.safetensors"]
+
+
+def _potsdam_by_hand(root: Path) -> None:
+    """A complete potsdam3 root of one tile, as the first download would leave it."""
+    import numpy as np
+    import scipy.io
+
+    base = root / "potsdam"
+    for folder, key, value in (("imgs", "img", np.zeros((4, 4, 3), np.uint8)), ("gt", "gt", np.zeros((4, 4), np.uint8))):
+        (base / folder).mkdir(parents=True)
+        scipy.io.savemat(base / folder / "t1.mat", {key: value})
+    for name in ("labelled_train", "labelled_test", "unlabelled_train"):
+        (base / f"{name}.txt").write_text("t1\n")
+
+
+def test_a_second_download_into_one_root_waits_then_finds_it_complete(tmp_path):
+    import fcntl
+
+    from unsupseg.data import download as dl
+
+    root = tmp_path / "data"
+    root.mkdir()
+    with open(root / dl.LOCK_NAME, "w") as lock:     # this process plays the first download
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        second = subprocess.Popen([UNSUPSEG, "download", "potsdam3", "--root", root, "--mirror",
+                                   (tmp_path / "empty").as_uri()], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "1000"})
+        first_line = second.stdout.readline()           # waits for a state, asserts nothing on time
+        assert first_line.strip() == f"another download is writing {root}; waiting for it to finish"
+        _potsdam_by_hand(root)
+    stdout, stderr = second.communicate(timeout=600)
+    assert second.returncode == 0 and stderr == "", stderr
+    assert stdout.splitlines() == ["Potsdam.tar.gz: in place, counts checked",
+                                   f"potsdam3: complete in {root} (splits train, val open, every listed file present)"]
+    assert not (root / "downloads").exists() and not (root / dl.LOCK_NAME).exists()
