@@ -250,3 +250,28 @@ def test_a_second_download_into_one_root_waits_then_finds_it_complete(tmp_path):
     assert stdout.splitlines() == ["Potsdam.tar.gz: in place, counts checked",
                                    f"potsdam3: complete in {root} (splits train, val open, every listed file present)"]
     assert not (root / "downloads").exists() and not (root / dl.LOCK_NAME).exists()
+
+
+def test_every_file_of_a_folder_not_segmented_is_named_once_and_counted(run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    write_images(photos, 2)
+    frames = [Image.fromarray(np.full((20, 30, 3), v, np.uint8)) for v in (0, 128, 255)]
+    frames[0].save(photos / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.fromarray(np.arange(600, dtype=np.uint8).reshape(20, 30)).convert("P").save(photos / "palette.bmp")
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    (photos / "notes.txt").write_text("mine")
+    result = cli("segment", run, photos, "--out", tmp_path / "masks", env={"COLUMNS": "1000"})
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.splitlines() == [f"wrote 4 masks and overlays to {tmp_path / 'masks'}; "
+                                          "2 files could not be segmented (see the warnings)"]
+    assert sorted(result.stderr.splitlines()) == [
+        f"warning: skipping {photos / 'notes.txt'}: not an image file (supported extensions: "
+        ".jpg, .jpeg, .png, .webp, .tif, .tiff, .bmp, .gif)",
+        f"warning: skipping unreadable image: {photos / 'broken.jpg'}: not a readable image "
+        "(OSError: Truncated File Read)",
+    ]
+    assert sorted(p.name for p in (tmp_path / "masks").glob("*.png")) == ["anim.png", "img_00.png", "img_01.png",
+                                                                          "palette.png"]
