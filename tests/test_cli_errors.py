@@ -223,7 +223,8 @@ def _potsdam_by_hand(root: Path) -> None:
     import scipy.io
 
     base = root / "potsdam"
-    for folder, key, value in (("imgs", "img", np.zeros((4, 4, 3), np.uint8)), ("gt", "gt", np.zeros((4, 4), np.uint8))):
+    tiles = (("imgs", "img", np.zeros((4, 4, 3), np.uint8)), ("gt", "gt", np.zeros((4, 4), np.uint8)))
+    for folder, key, value in tiles:
         (base / folder).mkdir(parents=True)
         scipy.io.savemat(base / folder / "t1.mat", {key: value})
     for name in ("labelled_train", "labelled_test", "unlabelled_train"):
@@ -275,3 +276,22 @@ def test_every_file_of_a_folder_not_segmented_is_named_once_and_counted(run, tmp
     ]
     assert sorted(p.name for p in (tmp_path / "masks").glob("*.png")) == ["anim.png", "img_00.png", "img_01.png",
                                                                           "palette.png"]
+
+
+def test_a_strip_photo_among_the_training_photos_keeps_its_feature_map_small(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    write_images(tmp_path / "imgs", 3)
+    Image.fromarray(np.full((4, 1000, 3), 128, np.uint8)).save(tmp_path / "imgs" / "strip.png")
+    result = cli("fit", "--method", "kmeans", "--images", tmp_path / "imgs", "--out", tmp_path / "run", "--clusters",
+                 "3", "--backbone", "efficientnet_lite0", "--set", "data.resolution=48", "--set", "params.restarts=1",
+                 "--set", f"cache_dir={tmp_path / 'cache'}")
+    assert result.returncode == 0, result.stderr
+    [index] = (tmp_path / "cache").glob("*/index.json")
+    index = json.loads(index.read_text())
+    shapes = dict(zip(index["ids"], index["shapes"]))
+    # longer side capped at 8 x 48 = 384 px, the shorter kept at one stride of 8: 1 x 48 tokens (uncapped 6 x 1500)
+    assert shapes["strip"][1:] == [1, 48]

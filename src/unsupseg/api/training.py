@@ -77,7 +77,8 @@ def fit(
         if resuming:
             log(f"resuming the unfinished run in {out}")
         if dist.precision == "bf16":
-            log(f"training steps in bf16 autocast on {dist.device} (float32 weights); --set precision=fp32 turns it off")
+            log(f"training steps in bf16 autocast on {dist.device} (float32 weights); "
+                "--set precision=fp32 turns it off")
         try:
             return _fit(config, impl, params, out, dist, log)
         except BaseException:
