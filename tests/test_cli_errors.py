@@ -295,3 +295,23 @@ def test_a_strip_photo_among_the_training_photos_keeps_its_feature_map_small(tmp
     shapes = dict(zip(index["ids"], index["shapes"]))
     # longer side capped at 8 x 48 = 384 px, the shorter kept at one stride of 8: 1 x 48 tokens (uncapped 6 x 1500)
     assert shapes["strip"][1:] == [1, 48]
+
+
+def test_a_cache_entry_holding_nan_is_rebuilt_with_one_warning(tmp_path):
+    import numpy as np
+
+    write_images(tmp_path / "imgs", 3)
+    fit = ["fit", "--method", "kmeans", "--images", tmp_path / "imgs", "--clusters", "3", "--backbone",
+           "efficientnet_lite0", "--set", "data.resolution=48", "--set", "params.restarts=1",
+           "--set", f"cache_dir={tmp_path / 'cache'}"]
+    assert cli(*fit, "--out", tmp_path / "a").returncode == 0
+    [entry] = (tmp_path / "cache").glob("*/index.json")
+    features = np.memmap(entry.parent / "features.f16", dtype=np.float16, mode="r+")
+    features[5] = np.nan      # damage on disk: the size still matches the index
+    features.flush()
+    del features
+    result = cli(*fit, "--out", tmp_path / "b", env={"COLUMNS": "1000"})
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines() == [
+        f"warning: feature cache {entry.parent} holds NaN or infinite values (damaged); rebuilding it"]
+    assert np.isfinite(np.fromfile(entry.parent / "features.f16", dtype=np.float16)).all()
