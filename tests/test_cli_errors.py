@@ -315,3 +315,18 @@ def test_a_cache_entry_holding_nan_is_rebuilt_with_one_warning(tmp_path):
     assert result.stderr.splitlines() == [
         f"warning: feature cache {entry.parent} holds NaN or infinite values (damaged); rebuilding it"]
     assert np.isfinite(np.fromfile(entry.parent / "features.f16", dtype=np.float16)).all()
+
+
+def test_clusters_edited_in_a_finished_runs_config_are_caught_when_it_loads(run, tmp_path):
+    import shutil
+
+    edited = tmp_path / "run"
+    shutil.copytree(run, edited)
+    text = (edited / "config.yaml").read_text()
+    assert "clusters: 3\n" in text
+    (edited / "config.yaml").write_text(text.replace("clusters: 3\n", "clusters: 5\n"))
+    message = one_error(cli("segment", edited, run.parent / "imgs", "--out", tmp_path / "masks"))
+    assert message == (f"{edited / 'config.yaml'} does not match the checksum recorded in meta.json: it was edited "
+                       "after the fit, and the weights hold the values it had then; fit again to change clusters "
+                       "or settings")
+    assert not (tmp_path / "masks").exists()

@@ -3,7 +3,8 @@
 ``config.yaml``         the fully resolved RunConfig (versioned)
 ``weights.safetensors`` the method state
 ``meta.json``           package version, backbone and its weights checksum, dataset fingerprint,
-                        sha256 of the weights file (tampering is detected on load), metrics when known
+                        sha256 of the weights file and of config.yaml (tampering is detected on load),
+                        metrics when known
 ``checkpoints/``        training checkpoints while a fit is in progress (removed when it finishes)
 """
 
@@ -190,14 +191,15 @@ def save(path: Path, config: RunConfig, state: dict[str, torch.Tensor], meta: di
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_path(path / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"unsupseg_version": __version__, "method": config.method})
+    atomic_write_text(path / CONFIG, dump_yaml(to_dict(config)))
     full_meta = {
         "unsupseg_version": __version__,
         "config_version": CONFIG_VERSION,
         "method": config.method,
         **meta,
         "weights_sha256": _sha256(path / WEIGHTS),
+        "config_sha256": _sha256(path / CONFIG),
     }
-    atomic_write_text(path / CONFIG, dump_yaml(to_dict(config)))
     atomic_write_text(path / META, json.dumps(full_meta, indent=2))
     shutil.rmtree(path / CHECKPOINTS, ignore_errors=True)
 
@@ -229,6 +231,10 @@ def load(path: str | Path) -> Run:
         )
     if _sha256(path / WEIGHTS) != meta.get("weights_sha256"):
         raise RunDirError(f"{path / WEIGHTS} does not match the checksum recorded in {META}: the file was modified or damaged")
+    # runs written before config.yaml had a checksum carry none
+    if "config_sha256" in meta and _sha256(path / CONFIG) != meta["config_sha256"]:
+        raise RunDirError(f"{path / CONFIG} does not match the checksum recorded in {META}: it was edited after the "
+                          "fit, and the weights hold the values it had then; fit again to change clusters or settings")
     try:
         config = from_dict(RunConfig, load_yaml(path / CONFIG))
     except ConfigError as err:
