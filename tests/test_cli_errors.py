@@ -195,3 +195,138 @@ def test_fit_does_not_train_on_segment_outputs_in_a_subfolder(run, tmp_path):
     masks = tmp_path / "photos" / "masks"
     assert result.stderr.splitlines() == [f"warning: skipping 6 mask/overlay file(s) in {masks}: "
                                           "a segment output folder, not photos"]
+
+
+# --- concurrent writers --------------------------------------------------------------------------------
+
+def test_a_second_fit_into_a_run_folder_being_written_is_refused_naming_the_first(run, tmp_path):
+    from unsupseg import rundir
+
+    out = tmp_path / "new"
+    fit = ["fit", "--method", "kmeans", "--images", run.parent / "imgs", "--out", out, "--clusters", "3",
+           "--backbone", "efficientnet_lite0", "--set", "data.resolution=48", "--set", "params.restarts=1",
+           "--set", f"cache_dir={run.parent / 'cache'}"]
+    with rundir.writing(out):    # this process plays the first fit
+        message = one_error(cli(*fit))
+        assert message == (f"{out} is being written by another fit (process {os.getpid()}); "
+                           "wait for it to finish or choose another --out")
+        assert [p.name for p in out.iterdir()] == [rundir.LOCK]
+    assert not out.exists()      # the folder the lock made goes with it when nothing was written
+    result = cli(*fit)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "meta.json", "weights.safetensors"]
+
+
+def _potsdam_by_hand(root: Path) -> None:
+    """A complete potsdam3 root of one tile, as the first download would leave it."""
+    import numpy as np
+    import scipy.io
+
+    base = root / "potsdam"
+    tiles = (("imgs", "img", np.zeros((4, 4, 3), np.uint8)), ("gt", "gt", np.zeros((4, 4), np.uint8)))
+    for folder, key, value in tiles:
+        (base / folder).mkdir(parents=True)
+        scipy.io.savemat(base / folder / "t1.mat", {key: value})
+    for name in ("labelled_train", "labelled_test", "unlabelled_train"):
+        (base / f"{name}.txt").write_text("t1\n")
+
+
+def test_a_second_download_into_one_root_waits_then_finds_it_complete(tmp_path):
+    import fcntl
+
+    from unsupseg.data import download as dl
+
+    root = tmp_path / "data"
+    root.mkdir()
+    with open(root / dl.LOCK_NAME, "w") as lock:     # this process plays the first download
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        second = subprocess.Popen([UNSUPSEG, "download", "potsdam3", "--root", root, "--mirror",
+                                   (tmp_path / "empty").as_uri()], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "1000"})
+        first_line = second.stdout.readline()           # waits for a state, asserts nothing on time
+        assert first_line.strip() == f"another download is writing {root}; waiting for it to finish"
+        _potsdam_by_hand(root)
+    stdout, stderr = second.communicate(timeout=600)
+    assert second.returncode == 0 and stderr == "", stderr
+    assert stdout.splitlines() == ["Potsdam.tar.gz: in place, counts checked",
+                                   f"potsdam3: complete in {root} (splits train, val open, every listed file present)"]
+    assert not (root / "downloads").exists() and not (root / dl.LOCK_NAME).exists()
+
+
+def test_every_file_of_a_folder_not_segmented_is_named_once_and_counted(run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    write_images(photos, 2)
+    frames = [Image.fromarray(np.full((20, 30, 3), v, np.uint8)) for v in (0, 128, 255)]
+    frames[0].save(photos / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.fromarray(np.arange(600, dtype=np.uint8).reshape(20, 30)).convert("P").save(photos / "palette.bmp")
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    (photos / "notes.txt").write_text("mine")
+    result = cli("segment", run, photos, "--out", tmp_path / "masks", env={"COLUMNS": "1000"})
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.splitlines() == [f"wrote 4 masks and overlays to {tmp_path / 'masks'}; "
+                                          "2 files could not be segmented (see the warnings)"]
+    assert sorted(result.stderr.splitlines()) == [
+        f"warning: skipping {photos / 'notes.txt'}: not an image file (supported extensions: "
+        ".jpg, .jpeg, .png, .webp, .tif, .tiff, .bmp, .gif)",
+        f"warning: skipping unreadable image: {photos / 'broken.jpg'}: not a readable image "
+        "(OSError: Truncated File Read)",
+    ]
+    assert sorted(p.name for p in (tmp_path / "masks").glob("*.png")) == ["anim.png", "img_00.png", "img_01.png",
+                                                                          "palette.png"]
+
+
+def test_a_strip_photo_among_the_training_photos_keeps_its_feature_map_small(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    write_images(tmp_path / "imgs", 3)
+    Image.fromarray(np.full((4, 1000, 3), 128, np.uint8)).save(tmp_path / "imgs" / "strip.png")
+    result = cli("fit", "--method", "kmeans", "--images", tmp_path / "imgs", "--out", tmp_path / "run", "--clusters",
+                 "3", "--backbone", "efficientnet_lite0", "--set", "data.resolution=48", "--set", "params.restarts=1",
+                 "--set", f"cache_dir={tmp_path / 'cache'}")
+    assert result.returncode == 0, result.stderr
+    [index] = (tmp_path / "cache").glob("*/index.json")
+    index = json.loads(index.read_text())
+    shapes = dict(zip(index["ids"], index["shapes"]))
+    # longer side capped at 8 x 48 = 384 px, the shorter kept at one stride of 8: 1 x 48 tokens (uncapped 6 x 1500)
+    assert shapes["strip"][1:] == [1, 48]
+
+
+def test_a_cache_entry_holding_nan_is_rebuilt_with_one_warning(tmp_path):
+    import numpy as np
+
+    write_images(tmp_path / "imgs", 3)
+    fit = ["fit", "--method", "kmeans", "--images", tmp_path / "imgs", "--clusters", "3", "--backbone",
+           "efficientnet_lite0", "--set", "data.resolution=48", "--set", "params.restarts=1",
+           "--set", f"cache_dir={tmp_path / 'cache'}"]
+    assert cli(*fit, "--out", tmp_path / "a").returncode == 0
+    [entry] = (tmp_path / "cache").glob("*/index.json")
+    features = np.memmap(entry.parent / "features.f16", dtype=np.float16, mode="r+")
+    features[5] = np.nan      # damage on disk: the size still matches the index
+    features.flush()
+    del features
+    result = cli(*fit, "--out", tmp_path / "b", env={"COLUMNS": "1000"})
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines() == [
+        f"warning: feature cache {entry.parent} holds NaN or infinite values (damaged); rebuilding it"]
+    assert np.isfinite(np.fromfile(entry.parent / "features.f16", dtype=np.float16)).all()
+
+
+def test_clusters_edited_in_a_finished_runs_config_are_caught_when_it_loads(run, tmp_path):
+    import shutil
+
+    edited = tmp_path / "run"
+    shutil.copytree(run, edited)
+    text = (edited / "config.yaml").read_text()
+    assert "clusters: 3\n" in text
+    (edited / "config.yaml").write_text(text.replace("clusters: 3\n", "clusters: 5\n"))
+    message = one_error(cli("segment", edited, run.parent / "imgs", "--out", tmp_path / "masks"))
+    assert message == (f"{edited / 'config.yaml'} does not match the checksum recorded in meta.json: it was edited "
+                       "after the fit, and the weights hold the values it had then; fit again to change clusters "
+                       "or settings")
+    assert not (tmp_path / "masks").exists()

@@ -138,7 +138,7 @@ def segment(
     if result.skipped:
         message += f"; skipped {len(result.skipped)} images whose outputs were already there (--overwrite redoes them)"
     if result.failed:
-        message += f"; {len(result.failed)} images could not be segmented (see the warnings)"
+        message += f"; {len(result.failed)} files could not be segmented (see the warnings)"
     out.print(message)
     if export_format is not None:
         target = out_dir.with_name(f"{out_dir.name}-{export_format}")

@@ -3,15 +3,20 @@
 ``config.yaml``         the fully resolved RunConfig (versioned)
 ``weights.safetensors`` the method state
 ``meta.json``           package version, backbone and its weights checksum, dataset fingerprint,
-                        sha256 of the weights file (tampering is detected on load), metrics when known
+                        sha256 of the weights file and of config.yaml (tampering is detected on load),
+                        metrics when known
 ``checkpoints/``        training checkpoints while a fit is in progress (removed when it finishes)
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +33,7 @@ CONFIG = "config.yaml"
 WEIGHTS = "weights.safetensors"
 META = "meta.json"
 CHECKPOINTS = "checkpoints"
+LOCK = ".unsupseg-fit.lock"   # held while a fit writes the folder; removed when it ends
 
 
 def _sha256(path: Path) -> str:
@@ -65,6 +71,54 @@ def is_run_dir(path: Path) -> bool:
     return {"version", "method", "backbone", "data", "params"} <= data.keys()
 
 
+def _holds_files(path: Path) -> bool:
+    return any(p.name != LOCK for p in path.iterdir())
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Hold the run directory ``path`` (made if missing) for one fit; a second fit into it meanwhile is
+    refused, naming the first's process. flock is released by the kernel however its holder exits, so a
+    killed fit leaves no stale lock. On the way out the lock file goes, and the folder too when this call
+    made it and nothing else was written into it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"run directory {path} exists and is not a folder; choose another --out")
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / LOCK
+    try:
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip()
+                os.close(fd)
+                raise RunDirError(
+                    f"{path} is being written by another fit (process {holder or 'unknown'}); wait for it to "
+                    "finish or choose another --out"
+                ) from None
+            try:   # the previous holder may have removed the file between our open and our flock
+                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:   # a full disk: the lock holds all the same, only the message loses the PID
+            pass
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+            os.close(fd)
+    finally:
+        if created and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
 def has_checkpoints(path: Path) -> bool:
     folder = Path(path) / CHECKPOINTS
     return folder.is_dir() and any(folder.iterdir())
@@ -90,7 +144,7 @@ def prepare(path: Path, config: RunConfig, overwrite: bool) -> bool:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"run directory {path} exists and is not a folder; choose another --out")
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and _holds_files(path):
         if not is_run_dir(path):
             raise RunDirError(
                 f"{path} is not empty and is not a run directory (no unsupseg {CONFIG}); --overwrite only "
@@ -117,7 +171,7 @@ def prepare(path: Path, config: RunConfig, overwrite: bool) -> bool:
         path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path / CONFIG, dump_yaml(to_dict(config)))
     except (OSError, OutputError) as err:
-        if created and path.is_dir() and not any(path.iterdir()):   # a full disk leaves no empty run folder
+        if created and path.is_dir() and not _holds_files(path):   # a full disk leaves no empty run folder
             path.rmdir()
         if isinstance(err, OutputError):
             raise
@@ -125,15 +179,13 @@ def prepare(path: Path, config: RunConfig, overwrite: bool) -> bool:
     return False
 
 
-def abandon(path: Path, created: bool) -> None:
-    """After a fit failed: remove what it wrote when no checkpoint is there to resume from, and the
-    folder itself when this fit created it and it is empty again."""
+def abandon(path: Path) -> None:
+    """After a fit failed: remove what it wrote when no checkpoint is there to resume from (the folder
+    itself goes with the lock of ``writing`` when that made it)."""
     path = Path(path)
     if not path.is_dir() or has_checkpoints(path) or is_complete(path):
         return
     discard(path)
-    if created and not any(path.iterdir()):
-        path.rmdir()
 
 
 def save(path: Path, config: RunConfig, state: dict[str, torch.Tensor], meta: dict) -> None:
@@ -141,14 +193,15 @@ def save(path: Path, config: RunConfig, state: dict[str, torch.Tensor], meta: di
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_path(path / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"unsupseg_version": __version__, "method": config.method})
+    atomic_write_text(path / CONFIG, dump_yaml(to_dict(config)))
     full_meta = {
         "unsupseg_version": __version__,
         "config_version": CONFIG_VERSION,
         "method": config.method,
         **meta,
         "weights_sha256": _sha256(path / WEIGHTS),
+        "config_sha256": _sha256(path / CONFIG),
     }
-    atomic_write_text(path / CONFIG, dump_yaml(to_dict(config)))
     atomic_write_text(path / META, json.dumps(full_meta, indent=2))
     shutil.rmtree(path / CHECKPOINTS, ignore_errors=True)
 
@@ -184,6 +237,10 @@ def load(path: str | Path) -> Run:
         raise RunDirError(
             f"{path / WEIGHTS} does not match the checksum recorded in {META}: the file was modified or damaged"
         )
+    # runs written before config.yaml had a checksum carry none
+    if "config_sha256" in meta and _sha256(path / CONFIG) != meta["config_sha256"]:
+        raise RunDirError(f"{path / CONFIG} does not match the checksum recorded in {META}: it was edited after the "
+                          "fit, and the weights hold the values it had then; fit again to change clusters or settings")
     try:
         config = from_dict(RunConfig, load_yaml(path / CONFIG))
     except ConfigError as err:

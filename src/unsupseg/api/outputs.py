@@ -41,27 +41,38 @@ class OutputItem:
         return self.mask.exists() and self.overlay.exists()
 
 
-def plan_outputs(paths: Sequence[str | os.PathLike], out: str | os.PathLike, strict: bool = False) -> list[OutputItem]:
+class PlannedOutputs(list):
+    """The OutputItems to write, with the input folders' files that are ``unusable``."""
+
+    def __init__(self):
+        super().__init__()
+        self.unusable: list[Path] = []
+
+
+def plan_outputs(paths: Sequence[str | os.PathLike], out: str | os.PathLike, strict: bool = False) -> PlannedOutputs:
     """Every input image under ``paths`` with its output files in ``out``.
 
     Output names mirror the inputs' folders below their common folder (a/x.png and b/x.png become
     a/x.png and b/x.png in ``out``); an image given twice is segmented once. Masks and overlays found
     in an output folder inside an input folder are not inputs. OutputError when two inputs would
-    share an output, or an output would land on an input file.
+    share an output, or an output would land on an input file. The files of the folders that are not
+    used (not images, unreadable; each named in a warning) are in the result's ``unusable``.
     """
     out = Path(out)
     sources: list[tuple[Path, Path]] = []     # (image, the folder its name is relative to)
+    items = PlannedOutputs()
     for p in map(Path, paths):
         if not p.exists():
             raise DataError(f"input {p} does not exist")
         if p.is_dir():
-            sources += [(f, p) for f in ImageFolder(p, strict=strict).files()]   # leaves earlier outputs out
+            folder = ImageFolder(p, strict=strict)
+            sources += [(f, p) for f in folder.files()]   # leaves earlier outputs out
+            items.unusable += folder.unusable
         else:
             sources.append((p, p.parent))
     if not sources:
-        return []
+        return items
     common = Path(os.path.commonpath([str(base.absolute()) for _, base in sources]))
-    items: list[OutputItem] = []
     seen: dict[Path, Path] = {}
     names: dict[str, Path] = {}
     for f, _ in sources:
@@ -133,7 +144,7 @@ def write_outputs(item: OutputItem, image: Image.Image, labels: np.ndarray, num_
 
 class SegmentResult(list):
     """The masks written (a list of paths), with the images ``skipped`` because their outputs were
-    already there and those that ``failed`` (unreadable or not segmentable, with a warning each)."""
+    already there and those that ``failed`` (not images, unreadable or not segmentable, with a warning each)."""
 
     def __init__(self):
         super().__init__()
@@ -186,6 +197,8 @@ def segment(
         remove_stale_temporaries(out, recursive=True)
     dist.barrier()
     result = SegmentResult()
+    if dist.is_main:
+        result.failed += items.unusable
     mine = items[dist.rank :: dist.world_size]
 
     def failed(item, err: Exception) -> None:

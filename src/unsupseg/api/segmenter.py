@@ -23,13 +23,12 @@ from ..config import (
 )
 from ..data import Preprocess, load_image
 from ..data.images import DEFAULT_MAX_PIXELS, DataWarning, to_rgb
+from ..data.transforms import LONG_SIDE_FACTOR
 from ..engine import autocast, init_distributed, resolve_precision
 from ..errors import ConfigError, RunDirError
 from ..methods.base import Method, Predictor, PredictorInfo
 from .resolve import resolve_method
 
-# A photo's longer side is processed at most this many times the test resolution (see model_input).
-LONG_SIDE_FACTOR = 8
 # what one photo (or its batch) may raise in preprocessing or the forward pass: it is skipped, not fatal
 PREDICT_ERRORS = (RuntimeError, ValueError, MemoryError)
 
@@ -259,23 +258,17 @@ class Segmenter:
 
     def model_input(self, pil: Image.Image, name: str = "image") -> torch.Tensor:
         """The preprocessed tensor of an RGB photo: shorter side at the test resolution, the longer side
-        capped at LONG_SIDE_FACTOR times it (a 1000 x 4 strip would otherwise become 80,000 pixels
-        long), with a warning naming ``name``."""
+        capped at LONG_SIDE_FACTOR times it (see ``Preprocess``), with a warning naming ``name``."""
         prep = self.preprocess()
-        new_h, new_w = prep.resized_size(pil.height, pil.width)
-        cap = LONG_SIDE_FACTOR * self.resolution
-        if max(new_h, new_w) <= cap:
-            return prep.apply(pil)[0]
-        scale = cap / max(pil.height, pil.width)
-        size = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
-        warnings.warn(
-            f"{name}: {pil.width}x{pil.height} is a very elongated image; segmented at {size[0]}x{size[1]} "
-            f"(longer side capped at {cap} px) instead of {new_w}x{new_h}",
-            DataWarning,
-            stacklevel=3,
-        )
-        pixels = np.asarray(pil.resize(size, Image.BILINEAR), dtype=np.uint8)
-        return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
+        if prep.long_side_capped(pil.height, pil.width):
+            new_h, new_w = prep.resized_size(pil.height, pil.width)
+            warnings.warn(
+                f"{name}: {pil.width}x{pil.height} is a very elongated image; segmented at {new_w}x{new_h} "
+                f"(longer side capped at {LONG_SIDE_FACTOR * self.resolution} px)",
+                DataWarning,
+                stacklevel=3,
+            )
+        return prep.apply(pil)[0]
 
     def _displayed(self, labels: np.ndarray, pil: Image.Image) -> np.ndarray:
         """Labels resized (nearest) from the preprocessed size to the photo's."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -67,21 +68,23 @@ def fit(
     _absolute_paths(config)
     dist = init_distributed(config.device, config.precision)
     out = Path(out)
-    created = not out.exists()
     if dist.is_main and config.data.cache != "never":   # never: not a byte, not a folder in the cache
         _check_cache_dir(config)
-    resuming = rundir.prepare(out, config, overwrite) if dist.is_main else False
-    dist.barrier()
-    if resuming:
-        log(f"resuming the unfinished run in {out}")
-    if dist.precision == "bf16":
-        log(f"training steps in bf16 autocast on {dist.device} (float32 weights); --set precision=fp32 turns it off")
-    try:
-        return _fit(config, impl, params, out, dist, log)
-    except BaseException:
-        if dist.is_main:
-            rundir.abandon(out, created)
-        raise
+    # the writing lock removes the folder it made when the fit leaves it empty
+    with rundir.writing(out) if dist.is_main else contextlib.nullcontext():
+        resuming = rundir.prepare(out, config, overwrite) if dist.is_main else False
+        dist.barrier()
+        if resuming:
+            log(f"resuming the unfinished run in {out}")
+        if dist.precision == "bf16":
+            log(f"training steps in bf16 autocast on {dist.device} (float32 weights); "
+                "--set precision=fp32 turns it off")
+        try:
+            return _fit(config, impl, params, out, dist, log)
+        except BaseException:
+            if dist.is_main:
+                rundir.abandon(out)
+            raise
 
 
 def _fit(config: RunConfig, impl: Method, params, out: Path, dist, log: Callable[[str], None]) -> "Segmenter":

@@ -44,7 +44,8 @@ class ImageFolder(SegDataset):
 
     Ids are relative paths without extension (posix). Files and folders whose name starts with
     "." are ignored (editor/OS metadata). A file whose header cannot be read is skipped with a
-    ``DataWarning``, or raises ``DataError`` when ``strict``. The masks and overlays of ``segment``
+    ``DataWarning``, or raises ``DataError`` when ``strict``; a file without an image extension is named
+    in a ``DataWarning`` too. Both are listed in ``unusable``. The masks and overlays of ``segment``
     (output-named files in a folder holding a SEGMENT_RECORD, in, under or above ``root``) are not
     photos: they are left out, with one ``DataWarning`` per such folder.
     """
@@ -62,16 +63,24 @@ class ImageFolder(SegDataset):
             check_image_header(root)
             super().__init__(root.stem, root.parent, [root.stem], None)
             self.paths = [root]
+            self.unusable = []
             return
         if not root.is_dir():
             raise DataError(f"{root}: image folder not found")
-        paths, failed = [], 0
+        paths: list[Path] = []
+        self.unusable: list[Path] = []
+        failed = 0
         outputs = _output_roots(root)
         skipped: dict[Path, int] = {}
-        for path in _walk_images(root):
+        for path in _walk_files(root):
             held = next((r for r in outputs if path.absolute().is_relative_to(r)), None)
             if held is not None and is_segment_output(path):
                 skipped[held] = skipped.get(held, 0) + 1
+                continue
+            if not is_image_file(path):
+                self.unusable.append(path)
+                warnings.warn(f"skipping {path}: not an image file (supported extensions: "
+                              f"{', '.join(IMAGE_EXTENSIONS)})", DataWarning, stacklevel=2)
                 continue
             try:
                 check_image_header(path)
@@ -79,6 +88,7 @@ class ImageFolder(SegDataset):
                 if strict:
                     raise
                 failed += 1
+                self.unusable.append(path)
                 warnings.warn(f"skipping unreadable image: {exc}", DataWarning, stacklevel=2)
                 continue
             paths.append(path)
@@ -453,7 +463,7 @@ def _output_roots(folder: Path) -> list[Path]:
     return roots
 
 
-def _walk_images(root: Path) -> list[Path]:
+def _walk_files(root: Path) -> list[Path]:
     # symlinked subfolders are followed (each real folder once, so a link loop ends)
     found, visited = [], set()
     for folder, dirnames, filenames in os.walk(root, followlinks=True):
@@ -464,6 +474,6 @@ def _walk_images(root: Path) -> list[Path]:
         visited.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for filename in filenames:
-            if not filename.startswith(".") and is_image_file(filename):
+            if not filename.startswith("."):
                 found.append(Path(folder) / filename)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())

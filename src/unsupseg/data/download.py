@@ -13,7 +13,9 @@ Per dataset root:
   find every file it lists;
 - ``<root>/unsupseg-downloads.json`` records, per archive, its URL, size and sha256 (so a second
   machine can compare) and where it was installed; a root that is complete is checked and nothing is
-  downloaded.
+  downloaded;
+- one download (or check-data) writes a root at a time: a second waits for ``<root>/.unsupseg-download.lock``
+  and then finds the root complete.
 
 Only the standard library (urllib, hashlib, zipfile, tarfile) and rich (progress bars) are used: the
 job is one GET with a Range header per file, and no downloader library knows our checksums, layouts
@@ -23,6 +25,7 @@ or lists, so a third-party dependency (requests, pooch, torchvision's utils) wou
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import http.client
 import json
@@ -59,6 +62,7 @@ __all__ = ["CATALOGUE", "MANIFEST_NAME", "SAME_FILES", "Archive", "Expect", "Mov
            "catalogue_help", "check_data", "download", "resolve"]
 
 MANIFEST_NAME = "unsupseg-downloads.json"
+LOCK_NAME = ".unsupseg-download.lock"   # held while a download or check-data writes the root
 DOWNLOADS_DIR = "downloads"
 PARTS = ("images", "labels", "lists")
 CHUNK = 1 << 20
@@ -109,6 +113,44 @@ def _run(
         root.mkdir(parents=True, exist_ok=True)
     elif not root.is_dir():
         raise DataError(f"{key}: dataset root {root} not found; `unsupseg download {key} --root {root}` creates it")
+    with _root_lock(root, log):
+        return _run_locked(key, source, root, mirror=mirror, only=only, fetch=fetch, keep_archives=keep_archives,
+                           log=log)
+
+
+@contextlib.contextmanager
+def _root_lock(root: Path, log: Log) -> Iterator[None]:
+    """One writer per root: a second download waits here, then finds what the first laid out. flock is
+    released by the kernel however its holder exits; the lock file goes with its holder, so a waiter
+    that locked a file removed meanwhile opens the new one instead."""
+    lock = root / LOCK_NAME
+    told = False
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not told:
+                log(f"another download is writing {root}; waiting for it to finish")
+                told = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _run_locked(
+    key: str, source: Source, root: Path, *, mirror: str | None, only: str | None, fetch: bool,
+    keep_archives: bool, log: Log,
+) -> Outcome:
     outcome = Outcome(key, root)
     reasons: list[str] = []
     failures: list[str] = []

@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 
 from unsupseg.errors import DataError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")   # gif: its first frame
 
 # Photos above this many pixels are downscaled on load (with a warning): segmentation runs at a few
 # hundred pixels anyway, and a 100-megapixel decode costs gigabytes. Pillow's own decompression-bomb

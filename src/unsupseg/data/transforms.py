@@ -18,6 +18,9 @@ from unsupseg.errors import ConfigError, DataError
 MODES = ("short", "short_crop", "square", "none")
 INTERPOLATIONS = ("bilinear", "nearest")
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
+# In mode "short" the longer side is capped at this many times the resolution: a 4 x 1000 strip would
+# otherwise become 80,000 pixels long (gigabytes of features) for a few rows of content.
+LONG_SIDE_FACTOR = 8
 
 
 @dataclass(frozen=True)
@@ -25,7 +28,9 @@ class Preprocess:
     """Geometry of one image (and its label) before the backbone.
 
     Modes:
-      - ``short``: shorter side → ``resolution``, aspect kept, longer side rounded half up.
+      - ``short``: shorter side → ``resolution``, aspect kept, longer side rounded half up; the longer
+        side is capped at ``LONG_SIDE_FACTOR`` x ``resolution`` (the shorter then goes below ``resolution``,
+        not below ``multiple``).
       - ``short_crop``: shorter side → ``resolution`` (longer side truncated, as torchvision's
         ``Resize(int)``), then a central ``resolution`` x ``resolution`` crop (torchvision's
         ``center_crop`` offsets).
@@ -75,14 +80,25 @@ class Preprocess:
         if self.mode == "square":
             return r, r
         if self.mode == "short":
-            # integer round-half-up of long * r / short, exact for any size
-            if height <= width:
-                return r, (2 * width * r + height) // (2 * height)
-            return (2 * height * r + width) // (2 * width), r
+            if self.long_side_capped(height, width):
+                scale = LONG_SIDE_FACTOR * r / max(height, width)
+                return max(self.multiple, round(height * scale)), max(self.multiple, round(width * scale))
+            return self._short_size(height, width)
         # short_crop: torchvision's int(r * long / short) truncation
         if height <= width:
             return r, width * r // height
         return height * r // width, r
+
+    def _short_size(self, height: int, width: int) -> tuple[int, int]:
+        # integer round-half-up of long * r / short, exact for any size
+        r = self.resolution
+        if height <= width:
+            return r, (2 * width * r + height) // (2 * height)
+        return (2 * height * r + width) // (2 * width), r
+
+    def long_side_capped(self, height: int, width: int) -> bool:
+        """True when mode ``short`` caps the longer side of a ``height`` x ``width`` image."""
+        return self.mode == "short" and max(self._short_size(height, width)) > LONG_SIDE_FACTOR * self.resolution
 
     def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
         """(top, left, crop_height, crop_width) of the crop applied to a resized image."""

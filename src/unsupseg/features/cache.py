@@ -85,6 +85,11 @@ class FeatureStore:
     def labels(self, indices) -> torch.Tensor:
         return torch.stack([self.label(int(i)) for i in indices])
 
+    def finite(self) -> bool:
+        """True when no feature is NaN or infinite; read in 32 MB slices (the pages stay cached for training)."""
+        step = 1 << 24
+        return all(np.isfinite(self._feat[i : i + step]).all() for i in range(0, len(self._feat), step))
+
 
 def _open(path: Path, hit: bool) -> FeatureStore | None:
     index_file = path / "index.json"
@@ -120,6 +125,17 @@ def entry_path(cache_dir: str | os.PathLike, key_fields: dict) -> Path:
 def open_entry(path: Path) -> FeatureStore | None:
     """The complete entry at ``path`` (a cache hit), or None."""
     return _open(path, hit=True)
+
+
+def open_verified(path: Path) -> FeatureStore | None:
+    """``open_entry``, and None with a warning for an entry holding NaN or infinite values (damaged on
+    disk): its index goes, so the caller rebuilds it like a truncated one."""
+    store = open_entry(path)
+    if store is not None and not store.finite():
+        warnings.warn(f"feature cache {path} holds NaN or infinite values (damaged); rebuilding it", stacklevel=2)
+        (path / "index.json").unlink(missing_ok=True)
+        return None
+    return store
 
 
 @contextlib.contextmanager
@@ -242,11 +258,11 @@ def open_or_build(
     Safe when several processes ask for the same entry at once: one builds it, the others wait and read.
     """
     path = entry_path(cache_dir, key_fields)
-    store = open_entry(path)
+    store = open_verified(path)
     if store is not None:
         return store
     with entry_lock(path, log):
-        store = open_entry(path)   # built by another process while this one waited
+        store = open_verified(path)   # built by another process while this one waited
         if store is not None:
             return store
         return build_entry(path, key_fields, items)

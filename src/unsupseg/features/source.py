@@ -34,6 +34,7 @@ from .cache import (
     entry_lock,
     entry_path,
     open_entry,
+    open_verified,
 )
 from .pipeline import ItemLoader
 
@@ -330,13 +331,13 @@ def open_features(
 def _decide(cache: str, path: Path, estimate: SizeEstimate, max_gb: float, log,
             held: contextlib.ExitStack) -> tuple[str, str]:
     """("hit" | "stream" | "build", reason); on "build" ``held`` holds the entry's lock."""
-    if open_entry(path) is not None:
+    if open_verified(path) is not None:
         return "hit", f"feature cache hit ({estimate.describe()}, backbone skipped) in {path}"
     verdict, reason = choose_source(cache, estimate, max_gb, path.parent)
     if verdict == "stream":
         return verdict, reason
     held.enter_context(entry_lock(path, log))
-    if open_entry(path) is not None:   # built by another process while this one waited
+    if open_verified(path) is not None:   # built by another process while this one waited
         return "hit", f"feature cache hit ({estimate.describe()}, built by another process) in {path}"
     return "build", f"{reason} in {path}"
 
