@@ -20,7 +20,8 @@ from PIL import Image
 from . import __version__, rundir
 from ._io import atomic_write_text, check_writable_file
 from ._progress import console, track
-from .api import SEGMENT_RECORD, Segmenter, _run_identity, build_train_dataset, evaluate, load, run_labels
+from .api import SEGMENT_RECORD, Segmenter, build_train_dataset, evaluate, load, run_labels
+from .api.outputs import _run_identity
 from .data import ImageFolder, build_dataset
 from .errors import ConfigError, DataError
 from .evaluation.report import ClusterGallery, ReportData, ReportImage, adjacency, render_report, top_neighbours
