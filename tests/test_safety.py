@@ -237,6 +237,7 @@ def test_unwritable_outputs_are_refused_before_the_work(run, tmp_path, monkeypat
     with pytest.raises(OutputError, match="feature cache folder .*is a file"):
         unsupseg.fit("kmeans", images=run / "imgs", out=tmp_path / "r", clusters=3, overrides=OVERRIDES,
                      backbone="efficientnet_lite0", log=lambda m: None)
+    assert not (tmp_path / "r").exists()
 
 
 # 10 -----------------------------------------------------------------------------------------------

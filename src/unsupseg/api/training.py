@@ -68,8 +68,6 @@ def fit(
     _absolute_paths(config)
     dist = init_distributed(config.device, config.precision)
     out = Path(out)
-    if dist.is_main and config.data.cache != "never":   # never: not a byte, not a folder in the cache
-        _check_cache_dir(config)
     # the writing lock removes the folder it made when the fit leaves it empty
     with rundir.writing(out) if dist.is_main else contextlib.nullcontext():
         resuming = rundir.prepare(out, config, overwrite) if dist.is_main else False
@@ -80,6 +78,9 @@ def fit(
             log(f"training steps in bf16 autocast on {dist.device} (float32 weights); "
                 "--set precision=fp32 turns it off")
         try:
+            # after --out is known to be writable, so that a bad --out creates no cache folder either
+            if dist.is_main and config.data.cache != "never":   # never: not a byte, not a folder in the cache
+                _check_cache_dir(config)
             return _fit(config, impl, params, out, dist, log)
         except BaseException:
             if dist.is_main:
