@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import io
 import os
 import pickle
 import re
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import OutputError
@@ -74,6 +75,39 @@ def atomic_write_image(path: str | os.PathLike, image, **save_args) -> None:
     buffer = io.BytesIO()
     image.save(buffer, **save_args)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+@contextlib.contextmanager
+def held_lock(lock: str | os.PathLike, on_busy: Callable[[int], None]) -> Iterator[int]:
+    """Hold the file ``lock`` (flock, exclusive) for the block, then remove it; yields its descriptor.
+    When another process holds it, ``on_busy(fd)`` runs once: it raises to refuse, or returns to wait.
+    flock is released by the kernel however its holder exits, so a killed holder leaves no stale lock;
+    a waiter that locked a file its holder removed meanwhile opens the new one instead."""
+    told = False
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not told:
+                told = True
+                try:
+                    on_busy(fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield fd
+    finally:
+        Path(lock).unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _alive(pid: int) -> bool:

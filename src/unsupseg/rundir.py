@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -25,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from ._io import atomic_path, atomic_write_text
+from ._io import atomic_path, atomic_write_text, held_lock
 from .config import CONFIG_VERSION, RunConfig, dump_yaml, from_dict, load_yaml, to_dict
 from .errors import ConfigError, OutputError, RunDirError
 
@@ -78,42 +77,27 @@ def _holds_files(path: Path) -> bool:
 @contextlib.contextmanager
 def writing(path: Path) -> Iterator[None]:
     """Hold the run directory ``path`` (made if missing) for one fit; a second fit into it meanwhile is
-    refused, naming the first's process. flock is released by the kernel however its holder exits, so a
-    killed fit leaves no stale lock. On the way out the lock file goes, and the folder too when this call
-    made it and nothing else was written into it."""
+    refused, naming the first's process (``_io.held_lock``). On the way out the lock file goes, and the folder
+    too when this call made it and nothing else was written into it."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"run directory {path} exists and is not a folder; choose another --out")
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     lock = path / LOCK
+
+    def refuse(fd: int) -> None:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        raise RunDirError(f"{path} is being written by another fit (process {holder or 'unknown'}); wait for it to "
+                          "finish or choose another --out")
+
     try:
-        while True:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        with held_lock(lock, refuse) as fd:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 32).decode(errors="replace").strip()
-                os.close(fd)
-                raise RunDirError(
-                    f"{path} is being written by another fit (process {holder or 'unknown'}); wait for it to "
-                    "finish or choose another --out"
-                ) from None
-            try:   # the previous holder may have removed the file between our open and our flock
-                if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                    break
-            except FileNotFoundError:
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except OSError:   # a full disk: the lock holds all the same, only the message loses the PID
                 pass
-            os.close(fd)
-        try:
-            os.write(fd, f"{os.getpid()}\n".encode())
-        except OSError:   # a full disk: the lock holds all the same, only the message loses the PID
-            pass
-        try:
             yield
-        finally:
-            lock.unlink(missing_ok=True)
-            os.close(fd)
     finally:
         if created and path.is_dir() and not any(path.iterdir()):
             path.rmdir()

@@ -25,7 +25,6 @@ or lists, so a third-party dependency (requests, pooch, torchvision's utils) wou
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import http.client
 import json
@@ -51,7 +50,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from unsupseg._io import atomic_write_text
+from unsupseg._io import atomic_write_text, held_lock
 from unsupseg._progress import console, enabled, track
 from unsupseg.errors import DataError
 
@@ -120,31 +119,9 @@ def _run(
 
 @contextlib.contextmanager
 def _root_lock(root: Path, log: Log) -> Iterator[None]:
-    """One writer per root: a second download waits here, then finds what the first laid out. flock is
-    released by the kernel however its holder exits; the lock file goes with its holder, so a waiter
-    that locked a file removed meanwhile opens the new one instead."""
-    lock = root / LOCK_NAME
-    told = False
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not told:
-                log(f"another download is writing {root}; waiting for it to finish")
-                told = True
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
+    """One writer per root: a second download waits here, then finds what the first laid out."""
+    with held_lock(root / LOCK_NAME, lambda fd: log(f"another download is writing {root}; waiting for it to finish")):
         yield
-    finally:
-        lock.unlink(missing_ok=True)
-        os.close(fd)
 
 
 def _run_locked(
