@@ -21,7 +21,7 @@ from . import __version__, rundir
 from ._io import atomic_write_text, check_writable_file
 from ._progress import console, track
 from .api import SEGMENT_RECORD, Segmenter, build_train_dataset, evaluate, load, run_labels
-from .api.outputs import _run_identity
+from .api.outputs import run_identity
 from .data import ImageFolder, build_dataset
 from .errors import ConfigError, DataError
 from .evaluation.report import ClusterGallery, ReportData, ReportImage, adjacency, render_report, top_neighbours
@@ -211,7 +211,7 @@ def _recorded_masks(seg: Segmenter, folder: str | os.PathLike | None, crf: bool)
         theirs = json.loads((Path(folder) / SEGMENT_RECORD).read_text())
     except (json.JSONDecodeError, OSError, UnicodeDecodeError):
         return None
-    mine = _run_identity(seg, crf)
+    mine = run_identity(seg, crf)
     same = (theirs.get("model_sha256"), theirs.get("crf")) == (mine["model_sha256"], mine["crf"])
     # masks of merged classes (labels.yaml) hold class ids, not the clusters the report shows
     clusters = theirs.get("classes") == mine["classes"] and len(mine["classes"]) == seg.num_clusters

@@ -94,7 +94,7 @@ def plan_outputs(paths: Sequence[str | os.PathLike], out: str | os.PathLike, str
     return items
 
 
-def _run_identity(seg: Segmenter, crf: bool, inputs: Sequence = ()) -> dict:
+def run_identity(seg: Segmenter, crf: bool, inputs: Sequence = ()) -> dict:
     digest = hashlib.sha256(json.dumps(to_dict(seg.config), sort_keys=True, default=str).encode())
     digest.update(str(seg.backbone.weights_id).encode())
     for key, value in sorted(seg.predictor.state_dict().items()):
@@ -109,7 +109,7 @@ def claim_output_folder(seg: Segmenter, out: Path, items: list[OutputItem], crf:
                         inputs: Sequence = ()) -> None:
     """Check ``out`` takes files, refuse to mix another run's masks in, and record this run there."""
     check_writable_dir(out, "--out folder")
-    mine = _run_identity(seg, crf, inputs)
+    mine = run_identity(seg, crf, inputs)
     record = out / SEGMENT_RECORD
     if record.is_file() and not overwrite:
         try:
