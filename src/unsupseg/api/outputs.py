@@ -95,6 +95,8 @@ def plan_outputs(paths: Sequence[str | os.PathLike], out: str | os.PathLike, str
 
 
 def run_identity(seg: Segmenter, crf: bool, inputs: Sequence = ()) -> dict:
+    """What a folder of masks records about who wrote them: the run, its model (a hash of config, backbone
+    weights and state), the CRF setting, the class names of labels.yaml and the inputs."""
     digest = hashlib.sha256(json.dumps(to_dict(seg.config), sort_keys=True, default=str).encode())
     digest.update(str(seg.backbone.weights_id).encode())
     for key, value in sorted(seg.predictor.state_dict().items()):
