@@ -9,19 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
 import unsupseg
 from tests.conftest import write_images
+from unsupseg.engine import process_group
 
 
 def worker(rank: int, world: int, folder: str) -> None:
     os.environ.update(UNSUPSEG_PROGRESS="0", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
-    try:
+    with process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world):
         import unsupseg.api as api
         import unsupseg.api.outputs as outputs
 
@@ -36,8 +35,6 @@ def worker(rank: int, world: int, folder: str) -> None:
         root = Path(folder)
         returned = api.segment(root / "run", [root / "photos"], root / "ddp", batch_size=2)
         (root / f"rank{rank}.json").write_text(json.dumps({"opened": opened, "returned": [str(p) for p in returned]}))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_processes_split_the_photos_and_write_each_file_once(tmp_path):

@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from unsupseg.engine import leave_process_group
+
 
 @contextlib.contextmanager
 def rendezvous_port() -> Iterator[int]:
@@ -39,11 +41,12 @@ def _fit_rank(rank: int, world: int, port: int, folder: str, method: str, fit_kw
     logs = []
     try:
         seg = api.fit(method, out=Path(folder) / "run", images=Path(folder) / "photos", log=logs.append, **fit_kwargs)
-        torch.save(seg.predictor.state_dict(), Path(folder) / f"rank{rank}.pt")
-        (Path(folder) / f"log{rank}.txt").write_text("\n".join(logs))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except BaseException:
+        leave_process_group(wait=False)
+        raise
+    torch.save(seg.predictor.state_dict(), Path(folder) / f"rank{rank}.pt")
+    (Path(folder) / f"log{rank}.txt").write_text("\n".join(logs))
+    leave_process_group()   # as the CLI does after a command
 
 
 def fit_two_ranks(folder: Path, method: str, **fit_kwargs) -> tuple[list[dict], list[str]]:

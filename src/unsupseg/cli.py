@@ -486,6 +486,26 @@ def _export(run, masks, export_format, out_dir, images, image_root, overwrite) -
 
 
 def main() -> None:
+    try:
+        _main()
+    except SystemExit as exit_:
+        _leave_process_group(finished=exit_.code in (None, 0))
+        raise
+    except BaseException:
+        _leave_process_group(finished=False)
+        raise
+
+
+def _leave_process_group(finished: bool) -> None:
+    """Under torchrun, end the process group before the interpreter ends (see
+    engine.distributed.leave_process_group); torch is not imported for that when no command needed it."""
+    if "torch.distributed" in sys.modules:
+        from .engine.distributed import leave_process_group
+
+        leave_process_group(wait=finished)
+
+
+def _main() -> None:
     import warnings
 
     from .errors import Interrupted

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from unsupseg.engine import Dist
+from unsupseg.engine import Dist, process_group
 from unsupseg.features.cache import open_or_build
 from unsupseg.methods.cause.params import Params
 from unsupseg.methods.cause.trainer import StoreSource, run_cause
@@ -30,8 +29,7 @@ def params(**kw):
 def worker(rank: int, world: int, folder: str) -> None:
     os.environ["UNSUPSEG_PROGRESS"] = "0"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
-    try:
+    with process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world):
         from pathlib import Path
 
         import unsupseg.methods.cause.trainer as trainer
@@ -53,8 +51,6 @@ def worker(rank: int, world: int, folder: str) -> None:
             state["bank.values"] = captured["bank"].values
             state["bank.length"] = captured["bank"].length
             torch.save(state, Path(folder) / f"{variant}{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_gloo_processes_end_with_identical_weights_and_bank(tmp_path):

@@ -6,12 +6,11 @@ Kept apart from the API tests so the spawned workers import only torch and the S
 import os
 
 import torch
-import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from tests.torchrun import AGENT_STORE, rendezvous_port
 from unsupseg.config import RunConfig, to_dict
-from unsupseg.engine import Dist, run_stage
+from unsupseg.engine import Dist, process_group, run_stage
 from unsupseg.features.cache import open_or_build
 from unsupseg.features.knn import knn_indices, pooled_descriptors
 from unsupseg.methods import stego
@@ -41,8 +40,7 @@ def _training(store, dist):
 def _ddp_worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **AGENT_STORE)
     torch.set_num_threads(1)
-    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with process_group("gloo", rank=rank, world_size=world):
         store = _store(folder)
         stage, model = _training(store, Dist(rank=rank, world_size=world))
         seen = []
@@ -50,8 +48,6 @@ def _ddp_worker(rank: int, world: int, port: int, folder: str, out: str) -> None
         stage.step = lambda i, batch: (seen.append(batch.clone()), inner(i, batch))[1]
         run_stage(stage, None, Dist(rank=rank, world_size=world))
         torch.save({"state": model.state_dict(), "batches": seen}, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        torch_dist.destroy_process_group()
 
 
 def test_two_process_ddp_ends_with_identical_weights(tmp_path):

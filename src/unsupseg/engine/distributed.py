@@ -7,7 +7,10 @@ device (``engine.precision``): ``run_stage`` runs every training step inside ``d
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +121,45 @@ def init_distributed(device: str = "auto", precision: str = "fp32") -> Dist:
         base = torch.device("cuda", local_rank)
         torch.cuda.set_device(base)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if base.type == "cuda" else "gloo")
+        join_process_group("nccl" if base.type == "cuda" else "gloo")
     return Dist(rank=rank, world_size=world, local_rank=local_rank, device=base,
                 precision=resolve_precision(precision, base))
+
+
+def join_process_group(backend: str, **kwargs) -> None:
+    """``dist.init_process_group(backend, **kwargs)``, with torch._dynamo imported first.
+
+    DDP imports torch._dynamo on first use, and that import keeps ten references to the process
+    group that exists at the time (counted with ``sys.getrefcount``; torch 2.14), so
+    ``destroy_process_group`` cannot free it: gloo's worker and socket threads then outlive the
+    interpreter, and now and then abort the process at exit ("terminate called without an active
+    exception") after its work is done. Imported before the group exists, it holds none."""
+    importlib.import_module("torch._dynamo")
+    dist.init_process_group(backend, **kwargs)
+
+
+def leave_process_group(wait: bool = True) -> None:
+    """Destroy the process group, if any, so that its threads end before the interpreter does;
+    ``wait``: first meet the other processes (a barrier), so none tears down while another still
+    communicates. A process that failed leaves without waiting for the others."""
+    if not dist.is_initialized():
+        return
+    if wait:
+        try:
+            dist.barrier()
+        except RuntimeError:  # another process failed and left: its own error is the one to report
+            pass
+    dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(backend: str, **kwargs) -> Iterator[None]:
+    """Join the process group for the ``with`` block and leave it at the end (waiting for the
+    others unless the block raised): for a script of one's own that starts its processes itself."""
+    join_process_group(backend, **kwargs)
+    try:
+        yield
+    except BaseException:
+        leave_process_group(wait=False)
+        raise
+    leave_process_group()
