@@ -152,6 +152,14 @@ def test_negative_clusters_are_a_range_error_not_a_type_error(tmp_path):
     assert message == "clusters must be at least 1, got -3"
 
 
+def test_a_backbone_option_of_the_wrong_type_is_named_and_no_run_folder_is_left(tmp_path):
+    write_images(tmp_path / "imgs", 2)
+    message = one_error(cli("fit", "--method", "kmeans", "--images", tmp_path / "imgs", "--out", tmp_path / "r",
+                            "--clusters", "2", "--set", "backbone.options.center=maybe"))
+    assert message == "backbone option center must be true or false, got 'maybe'"
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_weights_file_that_is_no_pickle_gets_no_advice_to_unpickle_it(tmp_path):
     (tmp_path / "w.pth").write_text("localhost\n")
     write_images(tmp_path / "imgs", 2)

@@ -1,9 +1,12 @@
 """The README's first command: the demo fits the flagship CAUSE-MLP on scikit-image's photos."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
+import unsupseg
 from unsupseg import rundir
 from unsupseg.demo import MIN_PARTS, PHOTOS, parts, run_demo
 
@@ -16,6 +19,26 @@ def test_parts_counts_clusters_covering_a_tenth_by_hand():
     mask[0, 1:10] = 2                                # 9 %: not a part
     assert parts(mask, 3) == 2
     assert parts(np.zeros((4, 4), dtype=np.uint8), 5) == 1
+
+
+def test_centred_features_split_every_photo_with_five_clusters(tmp_path):
+    # Six unrelated photos, K = 5: clustered as they are, the clusters find the photos (some come out in
+    # one colour); with each photo's mean feature subtracted, they find parts within every photo.
+    import shutil
+
+    from unsupseg.demo import bundled_photos
+
+    (tmp_path / "images").mkdir()
+    photos = [Path(shutil.copy(p, tmp_path / "images")) for p in bundled_photos()]
+    counts = {}
+    for center in (False, True):
+        seg = unsupseg.fit("kmeans", images=tmp_path / "images", out=tmp_path / f"run-{center}", clusters=5,
+                           backbone="efficientnet_lite0", preset="demo", log=lambda m: None,
+                           overrides=[f"backbone.options.center={str(center).lower()}",
+                                      f"cache_dir={tmp_path / 'cache'}"])
+        counts[center] = [parts(seg.predict(Image.open(p).convert("RGB")), 5) for p in photos]
+    assert min(counts[False]) == 1, counts          # what the option is for
+    assert min(counts[True]) >= MIN_PARTS, counts
 
 
 @pytest.mark.slow

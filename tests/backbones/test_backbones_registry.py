@@ -64,6 +64,44 @@ def test_bad_options_are_config_errors(options, message):
         build_backbone("dino_vits16", weights="random", **options)
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "dino_vits16"])
+def test_center_subtracts_each_images_own_mean_feature(name, images):
+    plain = build_backbone(name, weights="random")
+    centered = build_backbone(name, weights="random", center=True)
+    batch = torch.cat([images(32, 48), images(32, 48).flip(-1) * 0.5])
+    raw, out = plain(batch), centered(batch)
+    for i in range(2):   # each image alone: its neighbour in the batch does not enter its mean
+        expected = raw[i] - raw[i].mean((1, 2), keepdim=True)
+        torch.testing.assert_close(out[i], expected)
+        torch.testing.assert_close(centered(batch[i:i + 1])[0], expected)
+        assert out[i].mean((1, 2)).abs().max() < 1e-5
+    assert centered.options.get("center") is True and "center" not in plain.options
+
+
+def test_center_changes_the_feature_cache_key():
+    from unsupseg.features.source import cache_fields
+
+    class Data:
+        name = "photos"
+
+        def fingerprint(self):
+            return "f"
+
+    plain = cache_fields(build_backbone("efficientnet_lite0", weights="random"), Data(), "prep", False)
+    centered = cache_fields(build_backbone("efficientnet_lite0", weights="random", center=True), Data(), "prep", False)
+    assert "options" not in plain                          # keys of existing cache entries are unchanged
+    assert centered == {**plain, "options": {"center": True}}
+
+
+def test_center_is_a_boolean_option_of_frozen_backbones_only():
+    from unsupseg.backbones import build_vit_model
+
+    with pytest.raises(ConfigError, match="center must be true or false, got 'no'"):
+        build_backbone("efficientnet_lite0", weights="random", center="no")
+    with pytest.raises(ConfigError, match="unknown option.*center"):
+        build_vit_model("dino_vits16", weights="random", center=True)
+
+
 def test_efficientnet_has_no_num_heads():
     with pytest.raises(ConfigError, match="num_heads"):
         build_backbone("efficientnet_lite0", weights="random", num_heads=2)

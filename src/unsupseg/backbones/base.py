@@ -66,6 +66,10 @@ class Backbone(torch.nn.Module):
     ``random-<seed>`` for random init. ``options`` holds the architecture options that change the
     features without changing the tensors (e.g. ``num_heads``); a feature cache key needs
     ``name``, ``weights_id`` and ``options``.
+
+    ``center`` (option ``center=True``): every image's mean feature is subtracted from its tokens, so
+    that what the tokens share within one photo (its overall look) no longer separates photos and
+    clusters follow the parts of each photo instead.
     """
 
     def __init__(
@@ -85,6 +89,16 @@ class Backbone(torch.nn.Module):
         self.weights_id = weights_id
         self.options = dict(options)
         self.autocast = True
+        self.center = False
+
+    def centered(self, on: bool = True) -> Backbone:
+        """Subtract each image's mean feature from its tokens (recorded in ``options``: cache keys differ)."""
+        self.center = on
+        if on:
+            self.options["center"] = True
+        else:
+            self.options.pop("center", None)
+        return self
 
     def freeze(self) -> Backbone:
         self.requires_grad_(False)
@@ -102,7 +116,8 @@ class Backbone(torch.nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         check_images(images, self.stride, self.name)
         with autocast_for(images, self.autocast):
-            return self.extract(images).float()
+            features = self.extract(images).float()
+        return features - features.mean((2, 3), keepdim=True) if self.center else features
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, dim={self.dim}, stride={self.stride}, weights_id={self.weights_id!r}"

@@ -166,11 +166,12 @@ def build_backbone(name: str, weights: str | os.PathLike = "auto", device="cpu",
 
     ``weights``: "auto" (see ``unsupseg.backbones.weights`` for the search order), "random" (random
     init seeded by ``seed``), or the path of a weights file in any published layout.
-    Options: ``seed`` (int, default 0; random init only); ViTs also ``num_heads`` (int, default that of
-    the official model; e.g. 12 on dino_vits8 reproduces the CAUSE reference's ViT-S).
+    Options: ``seed`` (int, default 0; random init only); ``center`` (bool, default False: subtract each
+    image's mean feature, see ``Backbone``); ViTs also ``num_heads`` (int, default that of the official
+    model; e.g. 12 on dino_vits8 reproduces the CAUSE reference's ViT-S).
     """
     spec = get_spec(name)
-    seed, num_heads = _options(spec, options)
+    seed, num_heads, center = _options(spec, options, frozen=True)
     if weights == "random":
         if spec.family == "efficientnet":
             backbone = random_efficientnet(spec, seed)
@@ -178,7 +179,7 @@ def build_backbone(name: str, weights: str | os.PathLike = "auto", device="cpu",
             backbone = ViTBackbone(spec, random_vit(spec, seed, num_heads), f"random-{seed}")
     else:
         backbone = _from_state(spec, *_read(spec, weights), num_heads)
-    return backbone.to(device)
+    return backbone.centered(center).to(device)
 
 
 def backbone_from_state_dict(name: str, state_dict: Mapping[str, Tensor], device="cpu", **options) -> Backbone:
@@ -188,9 +189,9 @@ def backbone_from_state_dict(name: str, state_dict: Mapping[str, Tensor], device
     Options as for ``build_backbone`` (``seed`` excepted).
     """
     spec = get_spec(name)
-    num_heads = _options(spec, options)[1]
+    _, num_heads, center = _options(spec, options, frozen=True)
     state = unwrap_state_dict(state_dict, "the given state dict")
-    return _from_state(spec, state, "the given state dict", num_heads).to(device)
+    return _from_state(spec, state, "the given state dict", num_heads).centered(center).to(device)
 
 
 def build_vit_model(
@@ -210,7 +211,7 @@ def build_vit_model(
     spec = get_spec(name)
     if spec.family == "efficientnet":
         raise ConfigError(f"build_vit_model needs a ViT backbone, got {name!r}")
-    seed, num_heads = _options(spec, options)
+    seed, num_heads, _ = _options(spec, options, frozen=False)
     if weights == "random":
         encoder = random_vit(spec, seed, num_heads, drop_path_rate)
     else:
@@ -238,9 +239,10 @@ def _from_state(spec: BackboneSpec, state: dict[str, Tensor], source: str, num_h
     return ViTBackbone(spec, encoder, weights_id)
 
 
-def _options(spec: BackboneSpec, options: dict) -> tuple[int, int | None]:
-    """(seed, num_heads) from the keyword options, validated."""
+def _options(spec: BackboneSpec, options: dict, frozen: bool) -> tuple[int, int | None, bool]:
+    """(seed, num_heads, center) from the keyword options, validated; ``center`` only for frozen backbones."""
     allowed = ("seed",) if spec.family == "efficientnet" else ("seed", "num_heads")
+    allowed += ("center",) if frozen else ()
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ConfigError(
@@ -256,4 +258,7 @@ def _options(spec: BackboneSpec, options: dict) -> tuple[int, int | None]:
         raise ConfigError(
             f"num_heads={num_heads!r} is invalid for {spec.name!r}: it must be a positive divisor of {spec.dim}"
         )
-    return seed, num_heads
+    center = options.get("center", False)
+    if not isinstance(center, bool):
+        raise ConfigError(f"backbone option center must be true or false, got {center!r}")
+    return seed, num_heads, center
