@@ -79,12 +79,18 @@ def test_ctrl_c_during_fit_says_where_a_rerun_resumes_and_exits_130(tmp_path):
             "params.dim=6", "params.neg_samples=2", "params.feature_samples=3", "data.resolution=32"]
     args = [UNSUPSEG, "fit", "--method", "stego", "--images", "imgs", "--backbone", "efficientnet_lite0",
             "--backbone-weights", "random", "--clusters", "3", "--out", "run"] + [a for s in tiny for a in ("--set", s)]
-    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal sends it, to a command started with Ctrl-C's default action: a suite run in
+    # the background (`cmd &`) hands its children SIGINT ignored, and Python keeps it ignored.
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     checkpoint = tmp_path / "run" / "checkpoints" / "stego.pt"
-    while not checkpoint.exists() and proc.poll() is None:   # waits for a state, asserts nothing on time
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=600)
+    try:
+        while not checkpoint.exists() and proc.poll() is None:   # waits for a state, asserts nothing on time
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        proc.kill()     # a fit that ignored Ctrl-C must not train on after the test
     step = torch.load(checkpoint, weights_only=True)["step"]
     assert proc.returncode == 130 and "Traceback" not in stdout + stderr
     assert stderr.splitlines() == [f"interrupted; rerun the same command to resume from step {step}/100000 of stego"]
