@@ -43,10 +43,10 @@ def main() -> None:
                 net.extract(images[0])
                 tic = time.perf_counter()
                 for image in images:
-                    dim = net.extract(image).shape[1]
-                speed[name] = (dim, args.n / (time.perf_counter() - tic))
+                    net.extract(image)
+                speed[name] = args.n / (time.perf_counter() - tic)
     for name in names:
-        print(f"| {name} | {speed[name][0]} | {speed[name][1]:.1f} |", flush=True)
+        print(f"| {name} | {nets[name].dim} | {speed[name]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -89,15 +89,16 @@ class Backbone(torch.nn.Module):
         self.weights_id = weights_id
         self.options = dict(options)
         self.autocast = True
-        self.center = False
+
+    @property
+    def center(self) -> bool:
+        return self.options.get("center", False)
 
     def centered(self, on: bool = True) -> Backbone:
-        """Subtract each image's mean feature from its tokens (recorded in ``options``: cache keys differ)."""
-        self.center = on
+        """Subtract each image's mean feature from its tokens (held in ``options``, so cache keys differ)."""
+        self.options.pop("center", None)
         if on:
             self.options["center"] = True
-        else:
-            self.options.pop("center", None)
         return self
 
     def freeze(self) -> Backbone:
