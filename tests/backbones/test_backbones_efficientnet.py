@@ -77,3 +77,18 @@ def test_foreign_layouts_are_refused(tmp_path, package_state, random_timm):
     torch.save(random_timm("vit_small_patch16_224").state_dict(), tmp_path / "vit.pth")
     with pytest.raises(WeightsError, match="efficientnet"):
         build_backbone("efficientnet_lite0", weights=tmp_path / "vit.pth")
+
+
+def test_features_do_not_depend_on_the_thread_count(real, images):
+    # one thread would put some convolutions on other kernels (last-bit differences, docs/backbones.md)
+    x = images(96, 128, batch=2)
+    threads = torch.get_num_threads()
+    try:
+        out = {}
+        for n in (1, 2, 5):
+            torch.set_num_threads(n)
+            out[n] = real(x)
+            assert torch.get_num_threads() == n   # the forward leaves the caller's setting as it was
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[1], out[2]) and torch.equal(out[5], out[2])

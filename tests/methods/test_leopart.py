@@ -518,13 +518,15 @@ def test_pca_tokens_do_not_depend_on_how_the_sums_are_ordered():
 
 def test_a_fit_gives_the_same_clusters_with_other_thread_counts(tmp_path):
     images = _image_folder(tmp_path / "images", count=8)
-    overrides = [f"cache_dir={tmp_path / 'cache'}", "data.resolution=64", "params.k_fg=8", "params.k_cd=6",
+    overrides = ["data.resolution=64", "params.k_fg=8", "params.k_cd=6",
                  "params.weight_threshold=0.01", "params.kmeans_restarts=2", "params.map_size=16"]
     states = []
     for threads in (1, 3):
         torch.set_num_threads(threads)
+        # a cache of its own: the backbone's features are computed with this thread count too
         unsupseg.fit("leopart", out=tmp_path / f"run{threads}", images=images, backbone="efficientnet_lite0",
-                     backbone_weights="random", clusters=3, overrides=overrides, log=lambda msg: None)
+                     backbone_weights="random", clusters=3, log=lambda msg: None,
+                     overrides=[f"cache_dir={tmp_path / f'cache{threads}'}", *overrides])
         states.append(unsupseg.load(tmp_path / f"run{threads}").predictor.state_dict())
     assert states[0].keys() == states[1].keys()
     for name in states[0]:

@@ -13,7 +13,8 @@ order (same shapes, same parameter kinds), so they are renamed by position.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import timm
 import torch
@@ -38,12 +39,32 @@ class EfficientNetBackbone(Backbone):
 
     def extract(self, images: Tensor) -> Tensor:
         grid = (images.shape[2] // self.stride, images.shape[3] // self.stride)
-        maps = [F.normalize(m.float(), dim=1) for m in self.model((images - self._mean) / self._std)]
+        with _thread_count_free_kernels(images):
+            maps = [F.normalize(m.float(), dim=1) for m in self.model((images - self._mean) / self._std)]
         maps = [
             m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
             for m in maps
         ]
         return torch.cat(maps, dim=1)
+
+
+@contextmanager
+def _thread_count_free_kernels(images: Tensor) -> Iterator[None]:
+    """Two intra-op threads instead of one for a CPU forward pass.
+
+    With one thread torch runs some of these convolutions on other kernels than with two or more, and the
+    features differ in the last bit (0.5 % of the cached float16 values on CamVid; 2 to 16 threads agree
+    with each other). Methods that iterate on the features (Leopart's k-means and graph) turn that into other
+    clusters, so a fit would depend on the thread count (torchrun starts each process with one).
+    """
+    if images.device.type != "cpu" or torch.get_num_threads() != 1:
+        yield
+        return
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(1)
 
 
 def _features_model(arch: str) -> nn.Module:
