@@ -49,6 +49,32 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path):
     assert run_stage(again, tmp_path, Dist()) == []
 
 
+class _CtrlCWhileSaved:
+    """A stateful object that Ctrl-C interrupts while it is being saved for the ``nth`` time."""
+
+    def __init__(self, nth):
+        self.saves, self.nth = 0, nth
+
+    def state_dict(self):
+        self.saves += 1
+        if self.saves == self.nth:
+            raise KeyboardInterrupt
+        return {"saves": self.saves}
+
+    def load_state_dict(self, state):
+        self.saves = state["saves"]
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_names_the_one_on_disk(tmp_path):
+    # checkpoints after steps 2, 4, 6; Ctrl-C lands while the one of step 6 is written: a rerun resumes from 4
+    stage, _ = _stage(10)
+    stage.state["probe"] = _CtrlCWhileSaved(nth=3)
+    with pytest.raises(Interrupted, match=r"^interrupted; rerun the same command to resume from step 4/10 of s$"):
+        run_stage(stage, tmp_path, Dist())
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["step"] == 4
+    assert [p.name for p in tmp_path.iterdir()] == ["s.pt"]     # no half-written file left beside it
+
+
 def test_unreadable_checkpoint_names_the_file(tmp_path):
     (tmp_path / "s.pt").write_bytes(b"not a checkpoint")
     stage, _ = _stage(4)

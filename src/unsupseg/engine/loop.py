@@ -90,38 +90,45 @@ def _load(path: Path, stage: Stage) -> tuple[int, bool]:
 
 
 def _train(stage: Stage, path: Path | None, dist: Dist, start: int, history: list[dict]) -> int:
-    """The steps from ``start`` to the end, checkpointed; appends each step's logs to ``history``."""
-    step = start
-    with make_progress() as progress:
-        task = progress.add_task(stage.name, total=stage.total_steps, completed=start, info="")
-        tic, seen = time.perf_counter(), 0
-        while step < stage.total_steps:
-            epoch, offset = divmod(step, stage.steps_per_epoch)
-            for i, batch in enumerate(stage.batches(epoch)):
-                if i < offset:
-                    continue
-                with dist.autocast():
-                    logs = stage.step(step, batch)
-                step += 1
-                history.append(logs)
-                seen += int(logs.get("images", 0))
-                rate = seen / max(time.perf_counter() - tic, 1e-9)
-                progress.update(task, advance=1, info=f"loss {logs.get('loss', float('nan')):.4f}  {rate:.1f} img/s")
-                if (
-                    path is not None
-                    and dist.is_main
-                    and step % stage.checkpoint_every == 0
-                    and step < stage.total_steps
-                ):
-                    _save(path, stage, step, done=False)
-                if step >= stage.total_steps or step % stage.steps_per_epoch == 0:
-                    break
-            if step == epoch * stage.steps_per_epoch + offset:
-                raise RuntimeError(f"stage {stage.name}: epoch {epoch} yielded no batch to train on")
-            if step % stage.steps_per_epoch and step < stage.total_steps:
-                raise RuntimeError(
-                    f"stage {stage.name}: epoch {epoch} yielded fewer than {stage.steps_per_epoch} batches"
-                )
+    """The steps from ``start`` to the end, checkpointed; appends each step's logs to ``history``.
+
+    Ctrl-C raises ``Interrupted`` naming the step a rerun resumes from: that of the last checkpoint
+    written whole (one that Ctrl-C cut short never replaces the previous one: the write is atomic)."""
+    step = saved = start
+    try:
+        with make_progress() as progress:
+            task = progress.add_task(stage.name, total=stage.total_steps, completed=start, info="")
+            tic, seen = time.perf_counter(), 0
+            while step < stage.total_steps:
+                epoch, offset = divmod(step, stage.steps_per_epoch)
+                for i, batch in enumerate(stage.batches(epoch)):
+                    if i < offset:
+                        continue
+                    with dist.autocast():
+                        logs = stage.step(step, batch)
+                    step += 1
+                    history.append(logs)
+                    seen += int(logs.get("images", 0))
+                    rate = seen / max(time.perf_counter() - tic, 1e-9)
+                    progress.update(task, advance=1,
+                                    info=f"loss {logs.get('loss', float('nan')):.4f}  {rate:.1f} img/s")
+                    if path is not None and step % stage.checkpoint_every == 0 and step < stage.total_steps:
+                        if dist.is_main:
+                            _save(path, stage, step, done=False)
+                        saved = step   # other ranks: the step the main process saves
+                    if step >= stage.total_steps or step % stage.steps_per_epoch == 0:
+                        break
+                if step == epoch * stage.steps_per_epoch + offset:
+                    raise RuntimeError(f"stage {stage.name}: epoch {epoch} yielded no batch to train on")
+                if step % stage.steps_per_epoch and step < stage.total_steps:
+                    raise RuntimeError(
+                        f"stage {stage.name}: epoch {epoch} yielded fewer than {stage.steps_per_epoch} batches"
+                    )
+    except KeyboardInterrupt:
+        if path is None:
+            raise Interrupted("interrupted; this stage keeps no checkpoint, a rerun starts it again") from None
+        raise Interrupted(f"interrupted; rerun the same command to resume from step {saved}/{stage.total_steps} "
+                          f"of {stage.name}") from None
     return step
 
 
@@ -137,15 +144,7 @@ def run_stage(stage: Stage, ckpt_dir: str | Path | None, dist: Dist,
         if log and start:
             log(f"{stage.name}: resuming from step {start}/{stage.total_steps}")
     history: list[dict] = []
-    try:
-        step = _train(stage, path, dist, start, history)
-    except KeyboardInterrupt:
-        if path is None:
-            raise Interrupted("interrupted; this stage keeps no checkpoint, a rerun starts it again") from None
-        finished = start + len(history)  # one log per finished step; checkpoints fall on multiples of checkpoint_every
-        saved = max(start, finished - finished % stage.checkpoint_every)
-        raise Interrupted(f"interrupted; rerun the same command to resume from step {saved}/{stage.total_steps} "
-                          f"of {stage.name}") from None
+    step = _train(stage, path, dist, start, history)
     if path is not None and dist.is_main:
         _save(path, stage, step, done=True)
     dist.barrier()
