@@ -1,5 +1,6 @@
 """The README's first command: the demo fits the flagship CAUSE-MLP on scikit-image's photos."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ from PIL import Image
 
 import unsupseg
 from unsupseg import rundir
-from unsupseg.demo import MIN_PARTS, PHOTOS, parts, run_demo
+from unsupseg.demo import MIN_PARTS, PHOTOS, bundled_photos, parts, run_demo
 
 pytest.importorskip("skimage")
 
@@ -24,10 +25,6 @@ def test_parts_counts_clusters_covering_a_tenth_by_hand():
 def test_centred_features_split_every_photo_with_five_clusters(tmp_path):
     # Six unrelated photos, K = 5: clustered as they are, the clusters find the photos (some come out in
     # one colour); with each photo's mean feature subtracted, they find parts within every photo.
-    import shutil
-
-    from unsupseg.demo import bundled_photos
-
     (tmp_path / "images").mkdir()
     photos = [Path(shutil.copy(p, tmp_path / "images")) for p in bundled_photos()]
     counts = {}
