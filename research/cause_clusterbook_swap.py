@@ -18,11 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from cause_runs import load_cause_run
+from cause_runs import load_cause_run, rerun_steps_2_3
 
 from unsupseg import api, rundir
-from unsupseg.engine import run_stage
-from unsupseg.methods.cause import trainer
 
 
 def main() -> None:
@@ -49,18 +47,8 @@ def main() -> None:
     torch.manual_seed(config.seed)   # as fit does; Step 1 draws from its own generators only
     tic = time.perf_counter()
     with tempfile.TemporaryDirectory() as checkpoints:
-        stage, front = trainer.front_door_stage(source, codebook, trainer.VARIANTS[config.method], None, params, dist,
-                                                config.seed, "cpu")
-        run_stage(stage, Path(checkpoints), dist, lambda msg: None)
-        stage, cluster = trainer.cluster_stage(
-            source, front.head_teacher, front.student.linear, config.clusters, params, dist, config.seed, "cpu"
-        )
-        run_stage(stage, Path(checkpoints), dist, lambda msg: None)
+        seg = rerun_steps_2_3(run, params, source, dist, codebook, Path(checkpoints))
     seconds = time.perf_counter() - tic
-    seg = api.load(args.run)
-    seg.path = None   # evaluate records metrics in a run's meta.json: these are not the run's
-    seg.predictor.head = front.head_teacher.eval()
-    seg.predictor.centroids.copy_(cluster.centroids.detach())
     result = api.evaluate(
         seg, dataset=args.dataset, root=args.root, split=args.split, matching=["dataset", "per-image"]
     )

@@ -10,6 +10,7 @@ import yaml
 
 from unsupseg import api, rundir
 from unsupseg.backbones import build_backbone
+from unsupseg.engine import run_stage
 from unsupseg.engine.distributed import init_distributed
 from unsupseg.features.source import open_features
 from unsupseg.methods.cause import trainer
@@ -45,3 +46,22 @@ def params_changes(items: list[str]) -> dict:
             raise KeyError(f"--set {item}: CAUSE has no parameter {key!r}")
         changes[key] = yaml.safe_load(value)
     return changes
+
+
+def rerun_steps_2_3(run, params, source, dist, codebook, checkpoints: Path):
+    """Steps 2-3 of ``run`` exactly as ``fit`` runs them (its seed and generators), on ``codebook``;
+    returns the run's Segmenter carrying the new teacher head and centroids, detached from the run
+    directory (evaluating it records nothing in the run's meta.json)."""
+    config = run.config
+    stage, front = trainer.front_door_stage(source, codebook, trainer.VARIANTS[config.method], None, params, dist,
+                                            config.seed, "cpu")
+    run_stage(stage, checkpoints, dist, lambda msg: None)
+    stage, cluster = trainer.cluster_stage(
+        source, front.head_teacher, front.student.linear, config.clusters, params, dist, config.seed, "cpu"
+    )
+    run_stage(stage, checkpoints, dist, lambda msg: None)
+    seg = api.load(run.path)
+    seg.path = None
+    seg.predictor.head = front.head_teacher.eval()
+    seg.predictor.centroids.copy_(cluster.centroids.detach())
+    return seg
