@@ -35,9 +35,9 @@ from unsupseg.methods.cause import trainer
 from unsupseg.methods.cause.losses import draw_grid_order, modularity_loss, sample_grid
 
 
-def describe(samples: torch.Tensor, codebook: torch.Tensor, temperature: float) -> str:
-    """Concepts in use among the B x n x D sampled tokens, and Step 1's objective on them (per image)."""
-    tokens = F.normalize(samples.flatten(0, 1), dim=1)
+def describe(samples: torch.Tensor, tokens: torch.Tensor, codebook: torch.Tensor, temperature: float) -> str:
+    """Concepts in use among the sampled tokens (B x n x D ``samples``; ``tokens``: the same flattened to
+    unit rows), and Step 1's objective on them (per image)."""
     counts = torch.bincount((tokens @ F.normalize(codebook, dim=1).T).argmax(1), minlength=len(codebook))
     objective = float(modularity_loss(samples, codebook, temperature))
     return f"{int((counts > 0).sum())} of {len(codebook)} concepts in use, Step 1 objective {objective:.4f}"
@@ -71,7 +71,7 @@ def main() -> None:
     tokens = F.normalize(samples.flatten(0, 1), dim=1)
     codebook = spherical_kmeans(tokens, args.concepts, generator, restarts=1, iterations=50)
     temperature = params.modularity_temperature
-    print(f"k-means clusterbook: {describe(samples, codebook, temperature)}", flush=True)
+    print(f"k-means clusterbook: {describe(samples, tokens, codebook, temperature)}", flush=True)
     with tempfile.TemporaryDirectory() as checkpoints:
         if args.step1_epochs:
             step1 = dataclasses.replace(params, mediator_epochs=args.step1_epochs)
@@ -79,7 +79,8 @@ def main() -> None:
             mediator.codebook.data.copy_(codebook)
             run_stage(stage, Path(checkpoints), dist, lambda msg: None)
             codebook = mediator.codebook.detach()
-            print(f"after {args.step1_epochs} Step 1 epochs: {describe(samples, codebook, temperature)}", flush=True)
+            after = describe(samples, tokens, codebook, temperature)
+            print(f"after {args.step1_epochs} Step 1 epochs: {after}", flush=True)
         seg = rerun_steps_2_3(run, params, source, dist, codebook, Path(checkpoints))
     seconds = time.perf_counter() - tic
     for crf in (False, True):
